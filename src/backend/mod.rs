@@ -1,0 +1,508 @@
+//! Backends run ops (DESIGN.md, "The op set"). This module is the contract between the model,
+//! written once as a [`crate::program::Program`], and the devices that execute it:
+//!
+//! - [`cpu`]: f32, multi-threaded, SIMD GEMM; the numerical reference;
+//! - [`kernel`]: the launch code shared by every device that runs the `.cu` kernels: the host
+//!   emulator ([`emu`]) and CUDA ([`cuda`]).
+//!
+//! Memory model: every backend hands out [`Buffer`]s whose contents live at a 64-bit address
+//! ([`Addr`]): a host address on `cpu` and `emu`, a `CUdeviceptr` on `cuda`. Op arguments are
+//! addresses plus element strides, exactly what a kernel launch receives, so one argument
+//! struct serves every backend. All strides and offsets are in elements, not bytes.
+//!
+//! Dtypes: model ops ([`Backend::gemm`] .. [`Backend::embed_gather`]) read and write the
+//! backend's storage dtype ([`Backend::dtype`]) unless an argument says otherwise; compute and
+//! accumulation are always f32. Volume ops (pipeline) work on f32 volumes.
+
+pub mod cpu;
+pub mod cuda;
+pub mod emu;
+pub mod kernel;
+
+use crate::dtype::DType;
+use crate::error::Result;
+use std::any::Any;
+
+/// A device address: a host pointer on `cpu`/`emu`, a `CUdeviceptr` on `cuda`.
+pub type Addr = u64;
+
+/// A device allocation. Dropping it frees the memory.
+pub struct Buffer {
+    addr: Addr,
+    bytes: usize,
+    /// Keeps the allocation alive (a host vector, a `CudaSlice`, ...).
+    _owner: Box<dyn Any + Send + Sync>,
+}
+
+impl Buffer {
+    /// Wraps an allocation. `owner` must keep `[addr, addr + bytes)` valid while it lives.
+    pub fn new(addr: Addr, bytes: usize, owner: Box<dyn Any + Send + Sync>) -> Self {
+        Buffer {
+            addr,
+            bytes,
+            _owner: owner,
+        }
+    }
+
+    /// The start address.
+    pub fn addr(&self) -> Addr {
+        self.addr
+    }
+
+    /// The address `offset_bytes` into the buffer.
+    pub fn at(&self, offset_bytes: usize) -> Addr {
+        debug_assert!(offset_bytes <= self.bytes);
+        self.addr + offset_bytes as u64
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Buffer({:#x}, {} bytes)", self.addr, self.bytes)
+    }
+}
+
+/// The activation applied by an epilogue (spec §7.3 lists where each is used).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Act {
+    None,
+    /// Exact erf GELU (`nn.GELU()`): ViT MLP, decoder upscaling.
+    Gelu,
+    /// Two-way transformer MLP, hypernetworks.
+    Relu,
+    /// CLIP: x * sigmoid(1.702 x).
+    QuickGelu,
+}
+
+impl Act {
+    /// The activation in f32, as every backend must compute it.
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Act::None => x,
+            Act::Gelu => 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)),
+            Act::Relu => x.max(0.0),
+            Act::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+        }
+    }
+
+    /// Index used in kernel arguments (matches `kernels/common.cuh`).
+    pub fn code(self) -> i32 {
+        match self {
+            Act::None => 0,
+            Act::Gelu => 1,
+            Act::Relu => 2,
+            Act::QuickGelu => 3,
+        }
+    }
+}
+
+/// erf in f32 (musl's `erff` through the `libm` crate, < 1 ulp): the exact-GELU reference.
+#[inline]
+pub fn erf_f32(x: f32) -> f32 {
+    libm::erff(x)
+}
+
+/// `C[b] = act(alpha * A[b] @ op(B[b]) + bias) + residual[b]`, f32 accumulation.
+///
+/// Element addresses (all in the backend dtype unless noted):
+/// - `A[b][i][k]` at `a + b*batch_stride_a + i*lda + k` (row-major M x K);
+/// - `B[b][k][j]`: if `b_trans` (a `nn.Linear` weight, N x K) at `b + b*batch_stride_b + j*ldb + k`,
+///   else (K x N) at `b + b*batch_stride_b + k*ldb + j`;
+/// - `C[b][i][j]` at `c + b*batch_stride_c + i*ldc + j`;
+/// - `bias[j]` (length N) and `residual[b][i][j]` at `r + b*batch_stride_r + i*ldr + j`.
+///
+/// A batch stride of 0 broadcasts that operand over the batch (the position embedding is added
+/// as a residual with `batch_stride_r = 0`). `residual` may alias `c` exactly (in-place
+/// `x += f(x)`); no other operands may overlap `c`.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmArgs {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Addr,
+    pub lda: usize,
+    pub batch_stride_a: usize,
+    pub b: Addr,
+    pub ldb: usize,
+    pub batch_stride_b: usize,
+    pub b_trans: bool,
+    pub c: Addr,
+    pub ldc: usize,
+    pub batch_stride_c: usize,
+    pub alpha: f32,
+    pub bias: Option<Addr>,
+    pub act: Act,
+    pub residual: Option<Residual>,
+}
+
+/// The residual operand of a GEMM epilogue.
+#[derive(Clone, Copy, Debug)]
+pub struct Residual {
+    pub addr: Addr,
+    pub ld: usize,
+    pub batch_stride: usize,
+}
+
+/// Multi-head scaled-dot-product attention, fused (online softmax, f32 accumulation).
+///
+/// `out[b][i][h*head_dim + e] = Σ_j softmax_j(scale * q[b,i,h,:]·k[b,j,h,:]) v[b,j,h,e]`, with
+/// `j <= i` when `causal`. Element `(b, i, h, e)` of `q` is at
+/// `q + b*q_batch + i*q_row + h*head_dim + e`; likewise for `k`, `v` and `out`. So q, k and v
+/// may be strided views of one packed QKV buffer (the address carries the column offset).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionArgs {
+    pub batch: usize,
+    pub heads: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub head_dim: usize,
+    pub q: Addr,
+    pub q_row: usize,
+    pub q_batch: usize,
+    pub k: Addr,
+    pub k_row: usize,
+    pub k_batch: usize,
+    pub v: Addr,
+    pub v_row: usize,
+    pub v_batch: usize,
+    pub out: Addr,
+    pub o_row: usize,
+    pub o_batch: usize,
+    pub scale: f32,
+    pub causal: bool,
+}
+
+/// Row-wise LayerNorm over the last dim: `out[r] = (x[r] - mean) / sqrt(var + eps) * w + b`,
+/// biased variance, f32 statistics. `x` and `out` are contiguous `rows x cols`; `out` may
+/// equal `x`.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerNormArgs {
+    pub x: Addr,
+    pub out: Addr,
+    pub rows: usize,
+    pub cols: usize,
+    pub weight: Addr,
+    pub bias: Addr,
+    pub eps: f32,
+}
+
+/// One LayerNorm over all `n` values of each of `batch` samples with elementwise affine
+/// `weight[n]`, `bias[n]`, then `act` (spec §4.4, `output_upscaling.1` + GELU). `out` may equal
+/// `x`. Statistics in f32 with a two-stage reduction.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerNormJointArgs {
+    pub x: Addr,
+    pub out: Addr,
+    pub batch: usize,
+    pub n: usize,
+    pub weight: Addr,
+    pub bias: Addr,
+    pub eps: f32,
+    pub act: Act,
+}
+
+/// ConvTranspose3d with kernel 2, stride 2 (spec §4.4):
+/// `out[b,o,2d+a,2h+p,2w+c] = act(bias[o] + Σ_i in[b,i,d,h,w] * W[i,o,a,p,c])`.
+///
+/// Input: channel-first `(B, Cin, D, H, W)`, or with `channels_last_input` the token layout
+/// `(B, D*H*W, Cin)` that the two-way transformer produces. Weight `(Cin, Cout, 2, 2, 2)`,
+/// bias `(Cout)`. Output always channel-first `(B, Cout, 2D, 2H, 2W)`.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvT3dArgs {
+    pub x: Addr,
+    pub out: Addr,
+    pub weight: Addr,
+    pub bias: Addr,
+    pub batch: usize,
+    pub cin: usize,
+    pub cout: usize,
+    /// Input spatial size (D, H, W).
+    pub dims: [usize; 3],
+    pub channels_last_input: bool,
+    pub act: Act,
+}
+
+/// Interpolation mode with PyTorch's exact index arithmetic (spec §4.6, §6.4, §6.6, §7.9).
+/// Scales are `in/out` computed in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InterpMode {
+    /// `mode='trilinear', align_corners=False`: `s = max(0, (dst + 0.5) * scale - 0.5)`,
+    /// upper neighbour clamped to `in - 1`.
+    Trilinear,
+    /// `mode='nearest-exact'`: `src = min(floor((dst + 0.5) * scale), in - 1)`.
+    NearestExact,
+    /// Legacy `mode='nearest'`: `src = min(floor(dst * scale), in - 1)`.
+    Nearest,
+}
+
+/// Resizes `planes` independent 3-D planes (B*C) from `src` to `dst` size. `x` has dtype
+/// `x_dtype`, `out` has dtype `out_dtype` (each f32 or the backend dtype).
+#[derive(Clone, Copy, Debug)]
+pub struct Interp3dArgs {
+    pub x: Addr,
+    pub x_dtype: DType,
+    pub out: Addr,
+    pub out_dtype: DType,
+    pub planes: usize,
+    pub src: [usize; 3],
+    pub dst: [usize; 3],
+    pub mode: InterpMode,
+}
+
+/// Gathers 3-D patches into rows for the patch-embedding GEMM (spec §1.2): input
+/// `(B, 1, D, H, W)` of dtype `x_dtype`, output `(B, N, pd*ph*pw)` in the backend dtype, with
+/// token `t = i*(H/ph*W/pw) + j*(W/pw) + k` and feature `f = a*ph*pw + b*pw + c`.
+#[derive(Clone, Copy, Debug)]
+pub struct PatchGatherArgs {
+    pub x: Addr,
+    pub x_dtype: DType,
+    pub out: Addr,
+    pub batch: usize,
+    pub dims: [usize; 3],
+    pub patch: [usize; 3],
+}
+
+/// `out[i] = a[i] + b[i % period]` for `i < n`: plain add (`period = n`), row broadcast
+/// (`period = cols`) or batch broadcast (`period = rows*cols`). `out` may equal `a`.
+#[derive(Clone, Copy, Debug)]
+pub struct AddArgs {
+    pub a: Addr,
+    pub b: Addr,
+    pub out: Addr,
+    pub n: usize,
+    pub period: usize,
+}
+
+/// `out[i] = act(x[i] * scale)` for `i < n`; `out` may equal `x`.
+#[derive(Clone, Copy, Debug)]
+pub struct ActArgs {
+    pub x: Addr,
+    pub out: Addr,
+    pub n: usize,
+    pub scale: f32,
+    pub act: Act,
+}
+
+/// Token embedding: `out[r] = table[ids[r]] + pos[r]` for `r < rows`, rows of `cols`.
+/// `ids` are i32 on the device; `pos` is `rows x cols` (the first rows of the position table).
+#[derive(Clone, Copy, Debug)]
+pub struct EmbedArgs {
+    pub ids: Addr,
+    pub table: Addr,
+    pub vocab: usize,
+    pub pos: Addr,
+    pub out: Addr,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+// ----- Volume ops (pipeline, spec §6). Outputs never alias inputs. -----
+
+/// Foreground intensity statistics (spec §6.2), computed over a whole f32 volume.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ForegroundStats {
+    /// Mean of all voxels (computed in f64, rounded to f32): the foreground threshold.
+    pub threshold: f32,
+    /// Voxels strictly above the threshold.
+    pub count: u64,
+    /// `percentile(F, 0.05)` and `percentile(F, 99.95)`, numpy linear interpolation, f64.
+    pub p_lo: f64,
+    pub p_hi: f64,
+    /// Mean and population std of the foreground (f64 sums, rounded to f32).
+    pub mean: f32,
+    pub std: f32,
+}
+
+/// `z = (clip(x, lo, hi) - mean) / std` elementwise, f32 (spec §6.2). Returns min and max of z.
+#[derive(Clone, Copy, Debug)]
+pub struct ClipZscoreArgs {
+    pub x: Addr,
+    pub out: Addr,
+    pub n: usize,
+    pub lo: f32,
+    pub hi: f32,
+    pub mean: f32,
+    pub std: f32,
+}
+
+/// `out = (x - sub) / div` elementwise, f32 (the min-max step of spec §6.2).
+#[derive(Clone, Copy, Debug)]
+pub struct ShiftScaleArgs {
+    pub x: Addr,
+    pub out: Addr,
+    pub n: usize,
+    pub sub: f32,
+    pub div: f32,
+}
+
+/// Copies a box of `extent` voxels between two 3-D f32 volumes, with zero padding where the
+/// source index falls outside the source: for every `p < extent`,
+/// `dst[dst_start + p] = src_in_bounds(src_start + p) ? src[src_start + p] : pad`.
+/// `src_start` may be negative or run past the source (padding); the destination box must lie
+/// inside `dst_dims`. `dst` has dtype `dst_dtype` (f32, or the backend dtype for a model
+/// input window). Used for the foreground crop, window extraction and back-fill.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyBoxArgs {
+    pub src: Addr,
+    pub src_dims: [usize; 3],
+    pub src_start: [i64; 3],
+    pub dst: Addr,
+    pub dst_dtype: DType,
+    pub dst_dims: [usize; 3],
+    pub dst_start: [usize; 3],
+    pub extent: [usize; 3],
+    pub pad: f32,
+}
+
+/// Adds one window's f32 logits into the sliding-window accumulator and counts it (constant
+/// blending, spec §6.8 step 7): for `p < window`, `acc[start + p] += win[p]; cnt[start + p] += 1`.
+#[derive(Clone, Copy, Debug)]
+pub struct AccumulateArgs {
+    pub win: Addr,
+    pub window: [usize; 3],
+    pub acc: Addr,
+    pub cnt: Addr,
+    pub dims: [usize; 3],
+    pub start: [usize; 3],
+}
+
+/// Inclusive bounding box `[d0, h0, w0, d1, h1, w1]`.
+pub type BBox = [usize; 6];
+
+/// A device that runs ops. Implementations: [`cpu::CpuBackend`], [`kernel::KernelBackend`] over
+/// [`emu::EmuDevice`] or [`cuda::CudaDevice`].
+///
+/// # Safety
+///
+/// The op methods take raw device addresses. A caller must pass addresses that lie, together
+/// with every element the arguments describe, inside live [`Buffer`]s allocated by this
+/// backend, holding the dtypes the op documents, with no overlap between outputs and inputs
+/// except where an op allows it.
+pub trait Backend: Send + Sync {
+    /// `cpu`, `emu`, `cuda:0`.
+    fn name(&self) -> String;
+    /// Storage dtype of weights and activations.
+    fn dtype(&self) -> DType;
+    /// Allocates `bytes` (256-byte aligned). Contents are unspecified.
+    fn alloc(&self, bytes: usize) -> Result<Buffer>;
+    /// Copies host bytes to `dst`.
+    ///
+    /// # Safety
+    /// `dst .. dst + src.len()` must lie in a live buffer of this backend.
+    unsafe fn upload(&self, dst: Addr, src: &[u8]) -> Result<()>;
+    /// Copies device bytes at `src` to the host.
+    ///
+    /// # Safety
+    /// `src .. src + dst.len()` must lie in a live buffer of this backend.
+    unsafe fn download(&self, src: Addr, dst: &mut [u8]) -> Result<()>;
+    /// Waits for queued work (a no-op on synchronous backends).
+    fn synchronize(&self) -> Result<()>;
+
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn gemm(&self, a: &GemmArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn attention(&self, a: &AttentionArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn layer_norm(&self, a: &LayerNormArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn layer_norm_joint(&self, a: &LayerNormJointArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn conv_transpose3d_k2s2(&self, a: &ConvT3dArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn interp3d(&self, a: &Interp3dArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn patch_gather3d(&self, a: &PatchGatherArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn add(&self, a: &AddArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn activation(&self, a: &ActArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn embed_gather(&self, a: &EmbedArgs) -> Result<()>;
+
+    /// Foreground statistics of an f32 volume of `n` voxels (exact percentiles).
+    ///
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn foreground_stats(&self, x: Addr, n: usize) -> Result<ForegroundStats>;
+    /// # Safety
+    /// See the trait documentation. Returns `(min, max)` of the output.
+    unsafe fn clip_zscore(&self, a: &ClipZscoreArgs) -> Result<(f32, f32)>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn shift_scale(&self, a: &ShiftScaleArgs) -> Result<()>;
+    /// Bounding box of `x > threshold` inside the sub-box `[start, start + extent)` of an f32
+    /// volume of `dims`, relative to `start`.
+    ///
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn bbox_above(
+        &self,
+        x: Addr,
+        dims: [usize; 3],
+        start: [usize; 3],
+        extent: [usize; 3],
+        threshold: f32,
+    ) -> Result<Option<BBox>>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn copy_box(&self, a: &CopyBoxArgs) -> Result<()>;
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn accumulate_window(&self, a: &AccumulateArgs) -> Result<()>;
+    /// `out[i] = acc[i] / cnt[i]` where `cnt[i] > 0`, else `acc[i]` (f32).
+    ///
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn divide_counts(&self, acc: Addr, cnt: Addr, out: Addr, n: usize) -> Result<()>;
+    /// `out[i] = (x[i] > threshold) as u8` for an f32 `x`.
+    ///
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn threshold_u8(&self, x: Addr, out: Addr, n: usize, threshold: f32) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_known_values() {
+        // 0.5 x (1 + erf(x / sqrt 2)), evaluated in high precision.
+        let cases = [
+            (1.0f32, 0.841_344_8_f32),
+            (-1.0, -0.158_655_25),
+            (0.5, 0.345_731_23),
+            (3.0, 2.995_950_3),
+        ];
+        for (x, e) in cases {
+            assert!(
+                (Act::Gelu.apply(x) - e).abs() <= 1e-6 * e.abs().max(1.0),
+                "gelu({x}) = {}",
+                Act::Gelu.apply(x)
+            );
+        }
+        assert_eq!(Act::Relu.apply(-2.0), 0.0);
+    }
+}

@@ -1,0 +1,24 @@
+//! # segvol
+//!
+//! A runtime for SegVol (universal, interactive 3-D CT segmentation): the model written once as
+//! ops on a [`program::Program`], run by a [`backend::Backend`] (CPU reference, the CUDA kernels
+//! through a host emulator, or CUDA), with the official zoom-out-zoom-in [`pipeline`].
+//!
+//! Layers, top to bottom (DESIGN.md): `bin/segvol.rs` (CLI) → [`pipeline`] → [`io`] →
+//! [`model`] → [`program`] → [`backend`] → `kernels/`.
+
+pub mod backend;
+pub mod config;
+pub mod dtype;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod pipeline;
+pub mod program;
+pub mod tensor;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use dtype::DType;
+pub use error::{Error, Result};
