@@ -124,7 +124,8 @@ pub fn erf_f32(x: f32) -> f32 {
 ///
 /// A batch stride of 0 broadcasts that operand over the batch (the position embedding is added
 /// as a residual with `batch_stride_r = 0`). `residual` may alias `c` exactly (in-place
-/// `x += f(x)`); no other operands may overlap `c`.
+/// `x += f(x)`); no other operands may overlap `c`. A residual `ld` of 0 adds the same row to
+/// every row of `C[b]` (the text similarity of spec §4.5).
 #[derive(Clone, Copy, Debug)]
 pub struct GemmArgs {
     pub batch: usize,
@@ -395,6 +396,11 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> String;
     /// Storage dtype of weights and activations.
     fn dtype(&self) -> DType;
+    /// Whether device addresses are host addresses, so that f32 weights already in host
+    /// memory (a memory-mapped checkpoint) can be used in place instead of copied.
+    fn host_addressable(&self) -> bool {
+        false
+    }
     /// Allocates `bytes` (256-byte aligned). Contents are unspecified.
     fn alloc(&self, bytes: usize) -> Result<Buffer>;
     /// Copies host bytes to `dst`.

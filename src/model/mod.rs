@@ -1,1 +1,651 @@
-//! (in progress)
+//! SegVol, written once as ops (DESIGN.md "Layers"): the [`image_encoder`], the host-side
+//! [`prompt_encoder`], the CLIP [`text_encoder`] and the [`mask_decoder`] each build a
+//! [`Program`] per shape key; [`SegVol`] plans, caches and runs them on any backend.
+//!
+//! The split follows what can be reused: the image embedding of a window is independent of
+//! the prompt (computed once per zoom-out volume and reused by every prompt), and a text
+//! embedding depends only on its string (cached).
+
+pub mod image_encoder;
+pub mod mask_decoder;
+pub mod ops;
+pub mod prompt_encoder;
+pub mod text_encoder;
+
+use crate::backend::{Addr, Backend, Buffer};
+use crate::config::ModelConfig;
+use crate::dtype::{decode_f32, encode_f32, DType};
+use crate::error::{Error, Result};
+use crate::program::exec::{self, WeightTable};
+use crate::program::planner::{self, Plan};
+use crate::program::{Program, TensorId, TensorKind};
+use crate::tensor::HostTensor;
+use crate::tokenizer::TextTokenizer;
+use mask_decoder::DecoderKey;
+use parking_lot::Mutex;
+use prompt_encoder::{PromptEncoder, TokenKind};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Key of the load-time dense positional encoding `(N, C)` in the weights region.
+pub const DENSE_PE_KEY: &str = "derived.dense_pe";
+
+/// Host access to checkpoint tensors by unprefixed key (f32).
+pub trait HostWeights: Send + Sync {
+    /// The tensor `key`, if the checkpoint has it.
+    fn host_tensor(&self, key: &str) -> Option<&[f32]>;
+}
+
+/// A prompt for one model call, in window voxel coordinates (d, h, w) (spec §2).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WindowPrompt {
+    /// A category name; the model sees it through the template (spec §3).
+    pub text: Option<String>,
+    /// `[d0, h0, w0, d1, h1, w1]`, corners inclusive. `[-1; 6]` is the official empty box.
+    pub bbox: Option<[f32; 6]>,
+    /// Points and their labels (1 positive, 0 negative, -1 not a point).
+    pub points: Vec<[f32; 3]>,
+    pub labels: Vec<f32>,
+}
+
+impl WindowPrompt {
+    /// Whether the prompt holds anything.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_none() && self.bbox.is_none() && self.points.is_empty()
+    }
+}
+
+/// A text prompt through CLIP: cached per string.
+#[derive(Clone, Debug)]
+pub struct TextEmbedding {
+    pub tokens: crate::tokenizer::Tokens,
+    /// CLIP pooled output (`text_pooled`).
+    pub pooled: Vec<f32>,
+    /// After `dim_align` (`text_embedding`), the decoder's text token.
+    pub embedding: Vec<f32>,
+}
+
+/// Image tokens of `batch` windows on the device, `(B, N, C)` in the model dtype.
+pub struct ImageEmbedding {
+    buf: Buffer,
+    batch: usize,
+}
+
+impl ImageEmbedding {
+    /// Number of windows.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Device address of window `b`'s tokens.
+    pub fn addr(&self, b: usize, tokens_x_dim: usize, dtype: DType) -> Addr {
+        self.buf.addr() + (b * tokens_x_dim * dtype.size()) as u64
+    }
+}
+
+/// One prompt made ready for the decoder: the token rows, their kinds, and the text.
+struct DecoderInput {
+    tokens: Vec<f32>,
+    kinds: Vec<TokenKind>,
+    text: Option<Arc<TextEmbedding>>,
+}
+
+/// The result of [`SegVol::call`].
+pub struct CallOutput {
+    /// `(1, 1, D, H, W)` logits.
+    pub logits: HostTensor,
+    /// Intermediate tensors under the fixtures' names, when asked for.
+    pub stages: Vec<(String, HostTensor)>,
+    /// The sparse token kinds, in order.
+    pub sparse_kinds: Vec<TokenKind>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ProgramKey {
+    Encoder { batch: usize, stages: bool },
+    Text { len: usize, eos: usize },
+    Decoder { key: DecoderKey, stages: bool },
+}
+
+struct Compiled {
+    program: Program,
+    plan: Plan,
+    /// External tensors by name.
+    io: HashMap<String, TensorId>,
+}
+
+impl Compiled {
+    fn new(program: Program) -> Result<Self> {
+        let plan = planner::plan(&program)?;
+        let io = program
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.kind == TensorKind::External)
+            .map(|(i, t)| (t.name.clone(), TensorId(i as u32)))
+            .collect();
+        Ok(Compiled { program, plan, io })
+    }
+    fn ext(&self, name: &str) -> Result<TensorId> {
+        self.io.get(name).copied().ok_or_else(|| {
+            Error::Internal(format!(
+                "program {} has no tensor `{name}`",
+                self.program.name
+            ))
+        })
+    }
+}
+
+/// Weights on the device: one region (or, on host-addressable f32 backends, the
+/// memory-mapped checkpoint itself) plus the load-time derived tensors.
+pub struct DeviceWeights {
+    table: HashMap<String, Addr>,
+    /// Bytes held on the device (not counting zero-copy tensors).
+    pub device_bytes: usize,
+    _region: Option<Buffer>,
+    _host: Arc<dyn HostWeights>,
+}
+
+impl WeightTable for DeviceWeights {
+    fn weight_addr(&self, key: &str) -> Option<Addr> {
+        self.table.get(key).copied()
+    }
+}
+
+impl DeviceWeights {
+    /// Places `keys` (with their host data) and the `derived` tensors on `backend`.
+    fn upload(
+        backend: &dyn Backend,
+        host: Arc<dyn HostWeights>,
+        keys: &[String],
+        derived: &[(&str, Vec<f32>)],
+    ) -> Result<Self> {
+        let dtype = backend.dtype();
+        let zero_copy = backend.host_addressable() && dtype == DType::F32;
+        let mut table = HashMap::new();
+        let mut layout: Vec<(String, &[f32], usize)> = Vec::new();
+        let mut total = 0usize;
+        for key in keys {
+            let data = host
+                .host_tensor(key)
+                .ok_or_else(|| Error::Internal(format!("weight `{key}` is not loaded")))?;
+            if zero_copy && (data.as_ptr() as usize).is_multiple_of(4) {
+                table.insert(key.clone(), data.as_ptr() as Addr);
+                continue;
+            }
+            layout.push((key.clone(), data, total));
+            total += planner::align(data.len() * dtype.size());
+        }
+        for (key, data) in derived {
+            layout.push((key.to_string(), data.as_slice(), total));
+            total += planner::align(data.len() * dtype.size());
+        }
+        let region = if total > 0 {
+            let buf = backend.alloc(total)?;
+            for (key, data, off) in &layout {
+                let bytes = encode_f32(data, dtype);
+                // SAFETY: `off + bytes.len()` lies inside the region just allocated.
+                unsafe { backend.upload(buf.at(*off), &bytes)? };
+                table.insert(key.clone(), buf.at(*off));
+            }
+            Some(buf)
+        } else {
+            None
+        };
+        Ok(DeviceWeights {
+            table,
+            device_bytes: total,
+            _region: region,
+            _host: host,
+        })
+    }
+}
+
+struct RunState {
+    programs: HashMap<ProgramKey, Arc<Compiled>>,
+    arena: Option<Buffer>,
+}
+
+/// A loaded SegVol model on one backend.
+pub struct SegVol {
+    cfg: ModelConfig,
+    backend: Arc<dyn Backend>,
+    host: Arc<dyn HostWeights>,
+    weights: DeviceWeights,
+    prompts: PromptEncoder,
+    dense_pe: Vec<f32>,
+    tokenizer: TextTokenizer,
+    texts: Mutex<HashMap<String, Arc<TextEmbedding>>>,
+    state: Mutex<RunState>,
+}
+
+impl SegVol {
+    /// Builds the model from validated host weights.
+    pub fn new(
+        cfg: ModelConfig,
+        host: Arc<dyn HostWeights>,
+        tokenizer: TextTokenizer,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self> {
+        let prompts = PromptEncoder::new(&cfg, host.as_ref())?;
+        let dense_pe = prompts.dense_pe();
+        // Upload exactly the weights the programs use (not the unused IoU head, mask
+        // downscaling or position ids).
+        let dtype = backend.dtype();
+        let mut keys: Vec<String> = Vec::new();
+        let probes = [
+            image_encoder::build(&cfg, 1, dtype, false).0,
+            text_encoder::build(&cfg, 2, 1, dtype).0,
+            mask_decoder::build(
+                &cfg,
+                DecoderKey {
+                    batch: 1,
+                    sparse: 1,
+                    text: true,
+                },
+                dtype,
+                false,
+            )
+            .0,
+        ];
+        for p in &probes {
+            for t in &p.tensors {
+                if let TensorKind::Weight(k) = &t.kind {
+                    if k != DENSE_PE_KEY && !keys.contains(k) {
+                        keys.push(k.clone());
+                    }
+                }
+            }
+        }
+        let weights = DeviceWeights::upload(
+            backend.as_ref(),
+            host.clone(),
+            &keys,
+            &[(DENSE_PE_KEY, dense_pe.clone())],
+        )?;
+        Ok(SegVol {
+            cfg,
+            backend,
+            host,
+            weights,
+            prompts,
+            dense_pe,
+            tokenizer,
+            texts: Mutex::new(HashMap::new()),
+            state: Mutex::new(RunState {
+                programs: HashMap::new(),
+                arena: None,
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The weights on the device.
+    pub fn weights(&self) -> &DeviceWeights {
+        &self.weights
+    }
+
+    fn compiled(&self, key: ProgramKey) -> Result<Arc<Compiled>> {
+        let mut st = self.state.lock();
+        if let Some(c) = st.programs.get(&key) {
+            return Ok(c.clone());
+        }
+        let dtype = self.backend.dtype();
+        let program = match key {
+            ProgramKey::Encoder { batch, stages } => {
+                image_encoder::build(&self.cfg, batch, dtype, stages).0
+            }
+            ProgramKey::Text { len, eos } => text_encoder::build(&self.cfg, len, eos, dtype).0,
+            ProgramKey::Decoder { key, stages } => {
+                mask_decoder::build(&self.cfg, key, dtype, stages).0
+            }
+        };
+        let c = Arc::new(Compiled::new(program)?);
+        st.programs.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// Runs a compiled program with the given external bindings, growing the arena if needed.
+    fn run(&self, c: &Compiled, externals: &[(&str, Addr)]) -> Result<()> {
+        let mut st = self.state.lock();
+        let need = c.plan.arena_bytes.max(1);
+        if st.arena.as_ref().is_none_or(|a| a.len() < need) {
+            st.arena = None; // free the old arena before allocating the larger one
+            st.arena = Some(self.backend.alloc(need)?);
+        }
+        let arena = st.arena.as_ref().unwrap().addr();
+        let ext: Vec<(TensorId, Addr)> = externals
+            .iter()
+            .map(|(name, a)| Ok((c.ext(name)?, *a)))
+            .collect::<Result<_>>()?;
+        let bound = exec::bind(&c.program, &c.plan, arena, &self.weights, &ext)?;
+        // SAFETY: the arena, the weights and the caller's buffers are live allocations of this
+        // backend, and `bind` checked every operand against its tensor's extent.
+        unsafe { exec::run(self.backend.as_ref(), &bound) }
+    }
+
+    fn upload_f32(&self, data: &[f32], dtype: DType) -> Result<Buffer> {
+        let bytes = encode_f32(data, dtype);
+        let buf = self.backend.alloc(bytes.len().max(1))?;
+        // SAFETY: the buffer was just allocated with room for `bytes`.
+        unsafe { self.backend.upload(buf.addr(), &bytes)? };
+        Ok(buf)
+    }
+
+    fn download_f32(&self, addr: Addr, n: usize, dtype: DType) -> Result<Vec<f32>> {
+        let mut bytes = vec![0u8; n * dtype.size()];
+        // SAFETY: callers pass an address inside a live buffer holding `n` values of `dtype`.
+        unsafe { self.backend.download(addr, &mut bytes)? };
+        Ok(decode_f32(&bytes, dtype))
+    }
+
+    /// The text embedding of a category name (spec §3), cached per string.
+    pub fn text_embedding(&self, text: &str) -> Result<Arc<TextEmbedding>> {
+        if let Some(t) = self.texts.lock().get(text) {
+            return Ok(t.clone());
+        }
+        let tokens = self.tokenizer.encode(text)?;
+        let c = self.compiled(ProgramKey::Text {
+            len: tokens.ids.len(),
+            eos: tokens.eos,
+        })?;
+        let dtype = self.backend.dtype();
+        let ids: Vec<i32> = tokens.ids.iter().map(|&i| i as i32).collect();
+        let ids_buf = self.backend.alloc(ids.len() * 4)?;
+        // SAFETY: sized for the ids.
+        unsafe {
+            self.backend
+                .upload(ids_buf.addr(), bytemuck::cast_slice(&ids))?
+        };
+        let (w, dim) = (self.cfg.text.hidden, self.cfg.decoder.dim);
+        let out = self.backend.alloc((w + dim) * dtype.size())?;
+        let emb_addr = out.at(w * dtype.size());
+        self.run(
+            &c,
+            &[
+                ("input_ids", ids_buf.addr()),
+                ("text_pooled", out.addr()),
+                ("text_embedding", emb_addr),
+            ],
+        )?;
+        let pooled = self.download_f32(out.addr(), w, dtype)?;
+        let embedding = self.download_f32(emb_addr, dim, dtype)?;
+        let t = Arc::new(TextEmbedding {
+            tokens,
+            pooled,
+            embedding,
+        });
+        self.texts.lock().insert(text.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// Encodes `batch` windows already on the device (`(B, 1, D, H, W)` f32 at `images`).
+    pub fn encode(&self, images: Addr, batch: usize) -> Result<ImageEmbedding> {
+        let c = self.compiled(ProgramKey::Encoder {
+            batch,
+            stages: false,
+        })?;
+        let bytes =
+            batch * self.cfg.num_tokens() * self.cfg.decoder.dim * self.backend.dtype().size();
+        let buf = self.backend.alloc(bytes)?;
+        self.run(&c, &[("image", images), ("image_embedding", buf.addr())])?;
+        Ok(ImageEmbedding { buf, batch })
+    }
+
+    /// The decoder token sequence `[iou; mask tokens; sparse]` of one prompt (spec §4.1).
+    fn tokens(&self, prompt: &WindowPrompt) -> Result<DecoderInput> {
+        if prompt.is_empty() {
+            return Err(Error::Prompt(
+                "no prompt: give a text, a box or points".into(),
+            ));
+        }
+        let text = prompt
+            .text
+            .as_deref()
+            .map(|t| self.text_embedding(t))
+            .transpose()?;
+        let (sparse, kinds) = self.prompts.sparse(
+            &prompt.points,
+            &prompt.labels,
+            prompt.bbox,
+            text.as_ref().map(|t| t.embedding.as_slice()),
+        )?;
+        let mut tokens = Vec::with_capacity(
+            sparse.len() + (1 + self.cfg.decoder.mask_tokens) * self.cfg.decoder.dim,
+        );
+        for key in [
+            "mask_decoder.iou_token.weight",
+            "mask_decoder.mask_tokens.weight",
+        ] {
+            let t = self
+                .host
+                .host_tensor(key)
+                .ok_or_else(|| Error::Internal(format!("weight `{key}` is not loaded")))?;
+            tokens.extend_from_slice(t);
+        }
+        tokens.extend_from_slice(&sparse);
+        Ok(DecoderInput {
+            tokens,
+            kinds,
+            text,
+        })
+    }
+
+    /// Decodes one prompt per window of `emb` into f32 logits `(B, 1, D, H, W)` at `logits`.
+    /// Windows whose prompts have the same shape run as one batch.
+    pub fn decode(
+        &self,
+        emb: &ImageEmbedding,
+        prompts: &[WindowPrompt],
+        logits: Addr,
+    ) -> Result<()> {
+        if prompts.len() != emb.batch {
+            return Err(Error::Internal(format!(
+                "{} prompts for {} windows",
+                prompts.len(),
+                emb.batch
+            )));
+        }
+        let dtype = self.backend.dtype();
+        let dim = self.cfg.decoder.dim;
+        let per_window = self.cfg.num_tokens() * dim;
+        let mut built = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            built.push(self.tokens(p)?);
+        }
+        let same = built.windows(2).all(|w| {
+            w[0].kinds.len() == w[1].kinds.len() && w[0].text.is_some() == w[1].text.is_some()
+        });
+        let groups: Vec<Vec<usize>> = if same {
+            vec![(0..prompts.len()).collect()]
+        } else {
+            (0..prompts.len()).map(|i| vec![i]).collect()
+        };
+        let win_bytes = (self.cfg.window_voxels() * 4) as u64;
+        for g in groups {
+            let first = &built[g[0]];
+            let key = DecoderKey {
+                batch: g.len(),
+                sparse: first.kinds.len(),
+                text: first.text.is_some(),
+            };
+            let c = self.compiled(ProgramKey::Decoder { key, stages: false })?;
+            let tokens: Vec<f32> = g
+                .iter()
+                .flat_map(|&i| built[i].tokens.iter().copied())
+                .collect();
+            let tok_buf = self.upload_f32(&tokens, dtype)?;
+            let text_buf = if key.text {
+                let t: Vec<f32> = g
+                    .iter()
+                    .flat_map(|&i| built[i].text.as_ref().unwrap().embedding.iter().copied())
+                    .collect();
+                Some(self.upload_f32(&t, dtype)?)
+            } else {
+                None
+            };
+            let mut ext = vec![
+                ("image_embedding", emb.addr(g[0], per_window, dtype)),
+                ("tokens", tok_buf.addr()),
+                ("logits", logits + g[0] as u64 * win_bytes),
+            ];
+            if let Some(t) = &text_buf {
+                ext.push(("text_embedding", t.addr()));
+            }
+            self.run(&c, &ext)?;
+        }
+        Ok(())
+    }
+
+    /// One whole model call on a host window `(D, H, W)` in [0, 1] (`segvol window`). With
+    /// `stages`, also returns the intermediate tensors under the fixtures' names.
+    pub fn call(&self, image: &[f32], prompt: &WindowPrompt, stages: bool) -> Result<CallOutput> {
+        let cfg = &self.cfg;
+        let [d, h, w] = cfg.spatial_size;
+        if image.len() != cfg.window_voxels() {
+            return Err(Error::Input(format!(
+                "the model takes one {d}x{h}x{w} window ({} values), got {}",
+                cfg.window_voxels(),
+                image.len()
+            )));
+        }
+        let dtype = self.backend.dtype();
+        let (n, dim) = (cfg.num_tokens(), cfg.decoder.dim);
+        let img = self.upload_f32(image, DType::F32)?;
+        let logits = self.backend.alloc(cfg.window_voxels() * 4)?;
+        let mut out_stages: Vec<(String, HostTensor)> = Vec::new();
+        let emb = if stages {
+            let c = self.compiled(ProgramKey::Encoder {
+                batch: 1,
+                stages: true,
+            })?;
+            let buf = self.backend.alloc(3 * n * dim * dtype.size())?;
+            let step = (n * dim * dtype.size()) as u64;
+            self.run(
+                &c,
+                &[
+                    ("image", img.addr()),
+                    ("image_embedding", buf.addr()),
+                    ("patch_embedding", buf.addr() + step),
+                    ("vit_block0", buf.addr() + 2 * step),
+                ],
+            )?;
+            for (i, name) in [(1u64, "patch_embedding"), (2, "vit_block0")] {
+                let v = self.download_f32(buf.addr() + i * step, n * dim, dtype)?;
+                out_stages.push((name.into(), HostTensor::new(vec![1, n, dim], v)));
+            }
+            let tokens = self.download_f32(buf.addr(), n * dim, dtype)?;
+            let g = cfg.token_grid();
+            out_stages.push(("image_embedding".into(), channels_first(&tokens, n, dim, g)));
+            out_stages.push(("dense_pe".into(), channels_first(&self.dense_pe, n, dim, g)));
+            ImageEmbedding { buf, batch: 1 }
+        } else {
+            self.encode(img.addr(), 1)?
+        };
+
+        let DecoderInput {
+            tokens,
+            kinds,
+            text,
+        } = self.tokens(prompt)?;
+        if !stages {
+            self.decode(&emb, std::slice::from_ref(prompt), logits.addr())?;
+        } else {
+            let t = tokens.len() / dim;
+            let key = DecoderKey {
+                batch: 1,
+                sparse: kinds.len(),
+                text: text.is_some(),
+            };
+            let c = self.compiled(ProgramKey::Decoder { key, stages: true })?;
+            let tok_buf = self.upload_f32(&tokens, dtype)?;
+            let (c8, m) = (cfg.upscale_channels().1, cfg.decoder.mask_tokens);
+            let g4 = cfg.upscale_grids().1;
+            let v4: usize = g4.iter().product();
+            let sizes = [t * dim, n * dim, c8 * v4, m * v4];
+            let total: usize = sizes.iter().sum();
+            let sbuf = self.backend.alloc(total * dtype.size())?;
+            let mut offs = [0u64; 4];
+            let mut acc = 0usize;
+            for (o, s) in offs.iter_mut().zip(sizes) {
+                *o = sbuf.addr() + (acc * dtype.size()) as u64;
+                acc += s;
+            }
+            let text_buf = text
+                .as_ref()
+                .map(|t| self.upload_f32(&t.embedding, dtype))
+                .transpose()?;
+            let mut ext = vec![
+                ("image_embedding", emb.addr(0, n * dim, dtype)),
+                ("tokens", tok_buf.addr()),
+                ("logits", logits.addr()),
+                ("decoder_tokens", offs[0]),
+                ("decoder_image", offs[1]),
+                ("upscaled_embedding", offs[2]),
+                ("low_res_masks", offs[3]),
+            ];
+            if let Some(tb) = &text_buf {
+                ext.push(("text_embedding", tb.addr()));
+            }
+            self.run(&c, &ext)?;
+            if let Some(te) = &text {
+                out_stages.push((
+                    "text_pooled".into(),
+                    HostTensor::new(vec![1, te.pooled.len()], te.pooled.clone()),
+                ));
+                out_stages.push((
+                    "text_embedding".into(),
+                    HostTensor::new(vec![1, dim], te.embedding.clone()),
+                ));
+            }
+            let ns = kinds.len();
+            out_stages.push((
+                "sparse_embeddings".into(),
+                HostTensor::new(vec![1, ns, dim], tokens[(t - ns) * dim..].to_vec()),
+            ));
+            let shapes: [Vec<usize>; 4] = [
+                vec![1, t, dim],
+                vec![1, n, dim],
+                vec![1, c8, g4[0], g4[1], g4[2]],
+                vec![1, m, g4[0], g4[1], g4[2]],
+            ];
+            for (i, name) in [
+                "decoder_tokens",
+                "decoder_image",
+                "upscaled_embedding",
+                "low_res_masks",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let v = self.download_f32(offs[i], sizes[i], dtype)?;
+                out_stages.push((name.into(), HostTensor::new(shapes[i].clone(), v)));
+            }
+        }
+        let v = self.download_f32(logits.addr(), cfg.window_voxels(), DType::F32)?;
+        Ok(CallOutput {
+            logits: HostTensor::new(vec![1, 1, d, h, w], v),
+            stages: out_stages,
+            sparse_kinds: kinds,
+        })
+    }
+}
+
+/// Token layout `(N, C)` to the spec's `(1, C, gD, gH, gW)` view (spec §1.4).
+fn channels_first(tokens: &[f32], n: usize, c: usize, g: [usize; 3]) -> HostTensor {
+    let mut out = vec![0.0; n * c];
+    for t in 0..n {
+        for ch in 0..c {
+            out[ch * n + t] = tokens[t * c + ch];
+        }
+    }
+    HostTensor::new(vec![1, c, g[0], g[1], g[2]], out)
+}
