@@ -109,15 +109,15 @@ mod tests {
         );
         assert_eq!(liver.eos, 11);
         assert_eq!(
-            &t.encode("left kidney").unwrap().ids[9..],
+            &t.encode("left kidney").unwrap().ids[8..],
             [320, 1823, 14610, 269, 49407]
         );
         assert_eq!(
-            &t.encode("inferior vena cava").unwrap().ids[9..],
+            &t.encode("inferior vena cava").unwrap().ids[8..],
             [320, 16258, 2498, 47442, 48682, 269, 49407]
         );
         assert_eq!(
-            &t.encode("kidney tumor").unwrap().ids[9..],
+            &t.encode("kidney tumor").unwrap().ids[8..],
             [320, 14610, 22616, 269, 49407]
         );
     }
