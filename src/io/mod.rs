@@ -1,6 +1,8 @@
 //! Files in and out: NIfTI volumes with their geometry, prompts in voxel or millimetre
 //! coordinates, and atomic writes.
 
+pub mod prompt;
+
 use crate::error::{Error, Result};
 use std::path::Path;
 
