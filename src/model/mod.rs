@@ -649,3 +649,102 @@ fn channels_first(tokens: &[f32], n: usize, c: usize, g: [usize; 3]) -> HostTens
     }
     HostTensor::new(vec![1, c, g[0], g[1], g[2]], out)
 }
+
+/// The memory plan of one batched model call, computed without weights or a device: the
+/// programs with their activation plans, and the sizes of the weights region, the shared
+/// arena and the caller-bound buffers (`segvol plan`).
+pub struct CallPlan {
+    pub programs: Vec<(Program, Plan)>,
+    /// Weights region: every weight the programs use plus the derived dense PE, in the
+    /// storage dtype.
+    pub weight_bytes: usize,
+    /// One arena serves every program in turn: the largest plan.
+    pub arena_bytes: usize,
+    /// Input windows, image embedding, decoder tokens and text, output logits.
+    pub io_bytes: usize,
+}
+
+impl CallPlan {
+    /// Plans a call of `batch` windows with `sparse` prompt tokens and a text of `text_len`
+    /// tokens (0: no text).
+    pub fn new(
+        cfg: &ModelConfig,
+        dtype: DType,
+        batch: usize,
+        sparse: usize,
+        text_len: usize,
+    ) -> Result<Self> {
+        let mut programs = vec![image_encoder::build(cfg, batch, dtype, false).0];
+        if text_len > 0 {
+            programs.push(text_encoder::build(cfg, text_len, text_len - 1, dtype).0);
+        }
+        let key = DecoderKey {
+            batch,
+            sparse,
+            text: text_len > 0,
+        };
+        programs.push(mask_decoder::build(cfg, key, dtype, false).0);
+        let mut seen = std::collections::HashSet::new();
+        let mut weight_bytes = 0;
+        let mut io = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for p in programs {
+            for t in &p.tensors {
+                match &t.kind {
+                    TensorKind::Weight(k) if seen.insert(k.clone()) => {
+                        weight_bytes += planner::align(t.bytes())
+                    }
+                    // Externals shared between programs (the image embedding) count once.
+                    TensorKind::External => {
+                        io.insert(t.name.clone(), planner::align(t.bytes()));
+                    }
+                    _ => {}
+                }
+            }
+            let plan = planner::plan(&p)?;
+            out.push((p, plan));
+        }
+        let arena_bytes = out.iter().map(|(_, pl)| pl.arena_bytes).max().unwrap_or(0);
+        Ok(CallPlan {
+            programs: out,
+            weight_bytes,
+            arena_bytes,
+            io_bytes: io.values().sum(),
+        })
+    }
+
+    /// Device bytes of one call: weights + arena + buffers.
+    pub fn total_bytes(&self) -> usize {
+        self.weight_bytes + self.arena_bytes + self.io_bytes
+    }
+
+    /// Counted FLOPs of the call (spec §8.3).
+    pub fn flops(&self) -> f64 {
+        self.programs.iter().map(|(p, _)| p.flops()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_call_counts_match_the_spec() {
+        // Spec §8.3: ~506 GFLOP for the ViT, ~22 for the decoder, ~0.53 TFLOP per call.
+        let cfg = ModelConfig::full();
+        let plan = CallPlan::new(&cfg, DType::BF16, 1, 1, 12).unwrap();
+        let enc = plan.programs[0].0.flops() / 1e9;
+        assert!((495.0..520.0).contains(&enc), "encoder {enc} GFLOP");
+        let total = plan.flops() / 1e12;
+        assert!((0.51..0.56).contains(&total), "call {total} TFLOP");
+        // The weights region holds every weight the programs use, once: the 180,890,064
+        // parameters less the unused IoU head (263,684) and mask downscaling (1,100), less the
+        // 8,832 prompt-encoder and token values used on the host, plus the 2048 x 768 dense PE
+        // = 182,178,176 values (+ alignment).
+        let values = plan.weight_bytes / 2;
+        assert!(
+            (182_178_176..182_178_176 + 128 * 500).contains(&values),
+            "{values}"
+        );
+    }
+}

@@ -61,23 +61,41 @@ pub fn plan(program: &Program) -> Result<Plan> {
         }
     }
 
-    // Greedy by size, best fit: place the largest tensors first, each in the smallest gap
-    // among the tensors already placed whose lifetimes overlap it.
-    let mut order: Vec<usize> = (0..n)
-        .filter(|&i| program.tensors[i].kind == TensorKind::Activation && lifetimes[i].is_some())
+    let items: Vec<(usize, usize, usize, usize)> = (0..n)
+        .filter(|&i| program.tensors[i].kind == TensorKind::Activation)
+        .filter_map(|i| lifetimes[i].map(|(f, l)| (i, program.tensors[i].bytes().max(1), f, l)))
         .collect();
-    order.sort_by(|&a, &b| {
-        program.tensors[b]
-            .bytes()
-            .cmp(&program.tensors[a].bytes())
-            .then(a.cmp(&b))
-    });
+    let (placed, arena) = pack(
+        &items
+            .iter()
+            .map(|&(_, b, f, l)| (b, f, l))
+            .collect::<Vec<_>>(),
+    );
     let mut offsets = vec![None; n];
+    for (&(i, ..), off) in items.iter().zip(placed) {
+        offsets[i] = Some(off);
+    }
+    Ok(Plan {
+        offsets,
+        lifetimes,
+        arena_bytes: arena,
+    })
+}
+
+/// Packs buffers given as `(bytes, first_use, last_use)` into one region: greedy by size,
+/// best fit. Buffers whose lifetimes overlap never share bytes. Returns each buffer's offset
+/// (aligned to [`ALIGN`]) and the region's size.
+pub fn pack(items: &[(usize, usize, usize)]) -> (Vec<usize>, usize) {
+    // Largest first, each in the smallest gap left by the already placed buffers whose
+    // lifetimes overlap it.
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| items[b].0.cmp(&items[a].0).then(a.cmp(&b)));
+    let mut offsets = vec![0; items.len()];
     let mut placed: Vec<(usize, usize, usize, usize)> = Vec::new(); // offset, size, first, last
-    let mut arena = 0usize;
+    let mut total = 0usize;
     for i in order {
-        let size = align(program.tensors[i].bytes().max(1));
-        let (first, last) = lifetimes[i].unwrap();
+        let (bytes, first, last) = items[i];
+        let size = align(bytes);
         let mut busy: Vec<(usize, usize)> = placed
             .iter()
             .filter(|p| p.2 <= last && first <= p.3)
@@ -96,15 +114,11 @@ pub fn plan(program: &Program) -> Result<Plan> {
             cursor = cursor.max(end);
         }
         let offset = best.map(|(_, o)| o).unwrap_or(cursor);
-        offsets[i] = Some(offset);
+        offsets[i] = offset;
         placed.push((offset, size, first, last));
-        arena = arena.max(offset + size);
+        total = total.max(offset + size);
     }
-    Ok(Plan {
-        offsets,
-        lifetimes,
-        arena_bytes: arena,
-    })
+    (offsets, total)
 }
 
 #[cfg(test)]
