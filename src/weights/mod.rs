@@ -188,7 +188,7 @@ struct Entry {
 }
 
 /// A validated, host-side, read-only set of f32 tensors addressed by unprefixed key, in schema
-/// order. Holds every F32 tensor of [`schema`] for its configuration (not `position_ids`).
+/// order. Holds every F32 tensor of [`schema()`] for its configuration (not `position_ids`).
 pub struct WeightStore {
     path: PathBuf,
     format: WeightFormat,
