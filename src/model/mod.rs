@@ -36,6 +36,12 @@ pub trait HostWeights: Send + Sync {
     fn host_tensor(&self, key: &str) -> Option<&[f32]>;
 }
 
+impl HostWeights for crate::weights::WeightStore {
+    fn host_tensor(&self, key: &str) -> Option<&[f32]> {
+        self.get(key)
+    }
+}
+
 /// A prompt for one model call, in window voxel coordinates (d, h, w) (spec §2).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WindowPrompt {
@@ -276,6 +282,15 @@ impl SegVol {
                 arena: None,
             }),
         })
+    }
+
+    /// Loads a model directory laid out like the Hugging Face export (or a weights file) onto
+    /// `backend`: config, validated weights, tokenizer (spec §5).
+    pub fn load(dir: &std::path::Path, backend: Arc<dyn Backend>) -> Result<Self> {
+        let (cfg, store) = crate::weights::open_model_dir(dir)?;
+        let tok_dir = if dir.is_dir() { Some(dir) } else { dir.parent() };
+        let tokenizer = TextTokenizer::for_model_dir(tok_dir, &cfg.text_template, cfg.text.max_positions)?;
+        Self::new(cfg, Arc::new(store), tokenizer, backend)
     }
 
     /// The configuration.

@@ -1,0 +1,157 @@
+//! `segvol plan`: the memory plan of one model call (every activation with its size, lifetime
+//! and arena offset), or with `--shape` of a whole volume with the batch that fits the budget.
+//! Planning is arithmetic: it needs neither weights nor a device.
+
+use crate::{config_by_name, DeviceArgs};
+use clap::Args;
+use segvol::error::{Error, Result};
+use segvol::pipeline::plan::{human, parse_size, VolumePlan, STAGES};
+use segvol::program::TensorKind;
+use segvol::DType;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// Model directory whose config.json to use (default: --config).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// `full`, `tiny` or a config.json, when no --model is given.
+    #[arg(long, default_value = "full")]
+    config: String,
+    /// Windows per model call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// A whole volume: file dims XxYxZ (e.g. 512x512x1000).
+    #[arg(long)]
+    shape: Option<String>,
+    /// Memory budget (e.g. 40G); with --shape, the batch is the largest up to --batch that fits.
+    #[arg(long)]
+    mem_limit: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Print every activation of every program.
+    #[arg(long)]
+    verbose: bool,
+}
+
+pub fn run(a: PlanArgs) -> Result<()> {
+    let cfg = match &a.model {
+        Some(dir) => {
+            let cfg_path = if dir.is_dir() { dir.join("config.json") } else { dir.clone() };
+            if cfg_path.is_file() {
+                segvol::ModelConfig::from_file(&cfg_path)?
+            } else {
+                segvol::ModelConfig::full()
+            }
+        }
+        None => config_by_name(&a.config)?,
+    };
+    let dtype = a.device.precision()?.unwrap_or(if a.device.device == "cpu" { DType::F32 } else { DType::BF16 });
+    let limit = match &a.mem_limit {
+        Some(s) => Some(parse_size(s)?),
+        None => None,
+    };
+    match &a.shape {
+        Some(shape) => {
+            let xyz = parse_shape(shape)?;
+            // Model frame (D, H, W) = file (Z, Y, X), spec §6.1.
+            let plan = VolumePlan::fit(&cfg, dtype, [xyz[2], xyz[1], xyz[0]], a.batch, limit)?;
+            print_volume(&plan, xyz, limit);
+        }
+        None => {
+            let plan = segvol::model::CallPlan::new(&cfg, dtype, a.batch, 3, 16)?;
+            if let Some(l) = limit {
+                if plan.total_bytes() > l {
+                    return Err(Error::OutOfMemory(format!(
+                        "one call at batch {} needs {}; the limit is {}",
+                        a.batch,
+                        human(plan.total_bytes()),
+                        human(l)
+                    )));
+                }
+            }
+            print_call(&plan, a.batch, dtype, a.verbose);
+        }
+    }
+    Ok(())
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 3]> {
+    let parts: Vec<&str> = s.split(['x', 'X']).collect();
+    let bad = || Error::Usage(format!("--shape {s}: expected XxYxZ, e.g. 512x512x1000"));
+    if parts.len() != 3 {
+        return Err(bad());
+    }
+    let mut out = [0; 3];
+    for (o, p) in out.iter_mut().zip(parts) {
+        *o = p.trim().parse().ok().filter(|&v: &usize| v > 0).ok_or_else(bad)?;
+    }
+    Ok(out)
+}
+
+fn print_call(plan: &segvol::model::CallPlan, batch: usize, dtype: DType, verbose: bool) {
+    println!("model call, batch {batch}, {dtype} storage (a box + text prompt: 3 sparse tokens, 16 text tokens)");
+    for (p, pl) in &plan.programs {
+        let acts = p.tensors.iter().filter(|t| t.kind == TensorKind::Activation).count();
+        println!(
+            "  {:<40} {:>4} ops {:>4} activations  arena {:>10}  (without reuse {})  {:.1} GFLOP",
+            p.name,
+            p.steps.len(),
+            acts,
+            human(pl.arena_bytes),
+            human(pl.unshared_bytes(p)),
+            p.flops() / 1e9
+        );
+        if verbose {
+            println!("    {:<44} {:>22} {:>6} {:>10} {:>12} {:>11}", "activation", "shape", "dtype", "bytes", "offset", "steps");
+            for (i, t) in p.tensors.iter().enumerate() {
+                if t.kind != TensorKind::Activation {
+                    continue;
+                }
+                let (Some(off), Some((f, l))) = (pl.offsets[i], pl.lifetimes[i]) else { continue };
+                println!(
+                    "    {:<44} {:>22} {:>6} {:>10} {:>12} {:>5}..{:<5}",
+                    t.name,
+                    format!("{:?}", t.shape),
+                    t.dtype.to_string(),
+                    human(t.bytes()),
+                    off,
+                    f,
+                    l
+                );
+            }
+        }
+    }
+    println!("  weights region      {:>12}", human(plan.weight_bytes));
+    println!("  arena (peak)        {:>12}", human(plan.arena_bytes));
+    println!("  call buffers        {:>12}", human(plan.io_bytes));
+    println!("  total               {:>12}", human(plan.total_bytes()));
+    println!("  counted work        {:>9.1} GFLOP", plan.flops() / 1e9);
+}
+
+fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>) {
+    println!(
+        "volume {}x{}x{} (model frame {}x{}x{}), {} storage, worst case: crop and ROI = whole volume",
+        xyz[0], xyz[1], xyz[2], plan.dims[0], plan.dims[1], plan.dims[2], plan.dtype
+    );
+    println!("  {:<36} {:>12} {:>14}  stages", "volume buffer", "bytes", "offset");
+    for b in &plan.buffers {
+        println!(
+            "  {:<36} {:>12} {:>14}  {} .. {}",
+            b.name,
+            human(b.bytes),
+            b.offset,
+            STAGES[b.first],
+            STAGES[b.last]
+        );
+    }
+    println!("  volume region (packed)               {:>12}", human(plan.volume_bytes));
+    println!("  weights region                       {:>12}", human(plan.call.weight_bytes));
+    println!("  model arena (batch {:>2})               {:>12}", plan.batch, human(plan.call.arena_bytes));
+    println!("  call buffers                         {:>12}", human(plan.call.io_bytes));
+    println!("  total                                {:>12}", human(plan.total_bytes()));
+    match limit {
+        Some(l) => println!("  budget {} -> window batch {}", human(l), plan.batch),
+        None => println!("  no budget given (--mem-limit): window batch {}", plan.batch),
+    }
+}
