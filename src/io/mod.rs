@@ -6,6 +6,9 @@ pub mod prompt;
 use crate::error::{Error, Result};
 use std::path::Path;
 
+pub mod coords;
+pub mod nifti;
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// failure never leaves a partial file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
