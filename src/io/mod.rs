@@ -1,13 +1,12 @@
 //! Files in and out: NIfTI volumes with their geometry, prompts in voxel or millimetre
 //! coordinates, and atomic writes.
 
+pub mod coords;
+pub mod nifti;
 pub mod prompt;
 
 use crate::error::{Error, Result};
 use std::path::Path;
-
-pub mod coords;
-pub mod nifti;
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// failure never leaves a partial file under the final name.
