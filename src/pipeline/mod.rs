@@ -1,1 +1,6 @@
-//! (in progress)
+//! The official zoom-out-zoom-in pipeline on one volume (spec §6): intensity preprocessing and
+//! foreground crop ([`preprocess`]), then the zoom-out call, the ROI, the sliding windows with
+//! their box prompts, constant blending and back-fill ([`geometry`]).
+
+pub mod geometry;
+pub mod preprocess;
