@@ -314,14 +314,16 @@ pub struct EmbedArgs {
 /// Foreground intensity statistics (spec §6.2), computed over a whole f32 volume.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ForegroundStats {
-    /// Mean of all voxels (computed in f64, rounded to f32): the foreground threshold.
+    /// Mean of all voxels, the foreground threshold: numpy's float32 `np.mean` (chunked pairwise
+    /// f32 sum, `cpu::volume::numpy_sum_f32`; an f64 sum agrees within the fixtures' 1e-6).
     pub threshold: f32,
     /// Voxels strictly above the threshold.
     pub count: u64,
     /// `percentile(F, 0.05)` and `percentile(F, 99.95)`, numpy linear interpolation, f64.
     pub p_lo: f64,
     pub p_hi: f64,
-    /// Mean and population std of the foreground (f64 sums, rounded to f32).
+    /// Mean and population std of the foreground, as numpy computes them in float32 (same
+    /// summation as `threshold`).
     pub mean: f32,
     pub std: f32,
 }

@@ -1,0 +1,350 @@
+//! Intensity preprocessing, foreground crop and the zoom-out resize (spec §6.1–§6.4), as host
+//! functions over the CPU volume ops ([`crate::backend::cpu::volume`]). Each official step is
+//! its own function so that it maps onto one backend op.
+//!
+//! Volumes are row-major `(D, H, W)` f32 slices: a NIfTI voxel buffer in file order (`i`
+//! fastest) is already the model's `(Z, Y, X)` volume (spec §6.1, no reorientation, no
+//! resampling).
+
+use crate::backend::cpu::volume::{self, Traversal};
+use crate::backend::{ForegroundStats, InterpMode};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// The `max(std, 1e-8)` / `clip(max, 1e-8)` floors of spec §6.2, applied as numpy applies them:
+/// the floor replaces the value only when the value is smaller, and the division runs in f32.
+const NORM_EPS: f64 = 1e-8;
+
+fn floor_eps(v: f32) -> f32 {
+    if (v as f64) < NORM_EPS {
+        NORM_EPS as f32
+    } else {
+        v
+    }
+}
+
+fn check_dims(what: &str, len: usize, dims: [usize; 3]) -> Result<()> {
+    if dims.contains(&0) || dims.iter().product::<usize>() != len {
+        return Err(Error::Input(format!(
+            "{what}: {len} voxels do not form a non-empty volume of dims {dims:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The result of the intensity normalisation (spec §6.2).
+#[derive(Clone, Debug)]
+pub struct Normalized {
+    /// The normalised `(D, H, W)` volume, values in [0, 1].
+    pub volume: Vec<f32>,
+    pub stats: ForegroundStats,
+    /// `min((clip(x) - mean) / std)`: the shift of the min-max step.
+    pub zscore_min: f32,
+    /// The maximum after the shift (before the `1e-8` floor): the divisor of the min-max step.
+    pub minmax_range: f32,
+}
+
+/// A preprocessed CT: the normalised volume cropped to its foreground (spec §6.2–§6.3).
+#[derive(Clone, Debug)]
+pub struct Preprocessed {
+    /// The cropped grid `I_c`, `(d0, h0, w0)` row-major: the frame of every output.
+    pub cropped: Vec<f32>,
+    /// `(D, H, W)` of `cropped`.
+    pub cropped_dims: [usize; 3],
+    /// MONAI `foreground_start_coord`, `(D, H, W)` in the input volume.
+    pub crop_start: [usize; 3],
+    /// MONAI `foreground_end_coord` (exclusive).
+    pub crop_end: [usize; 3],
+    pub stats: ForegroundStats,
+    pub zscore_min: f32,
+    pub minmax_range: f32,
+}
+
+/// Spec §6.2 steps 1–4: threshold, foreground set, percentiles, mean and std, as numpy computes
+/// them on the `(X, Y, Z)` array the official code flattens (a column-major walk of the
+/// `(D, H, W)` volume; the order fixes the f32 rounding of the sums).
+pub fn foreground_statistics(volume: &[f32], dims: [usize; 3]) -> Result<ForegroundStats> {
+    check_dims("foreground statistics", volume.len(), dims)?;
+    volume::foreground_stats_ordered(volume, Traversal::ColumnMajor(dims))
+}
+
+/// Spec §6.2 steps 5–6: `z = (clip(x, lo, hi) - mean) / max(std, 1e-8)` in f32, the bounds
+/// rounded to f32 (numpy 1.x clips a float32 array in float32). Returns `z` with its min and
+/// max.
+pub fn clip_and_zscore(volume: &[f32], stats: &ForegroundStats) -> (Vec<f32>, f32, f32) {
+    let mut z = vec![0f32; volume.len()];
+    let (mn, mx) = volume::clip_zscore(
+        volume,
+        &mut z,
+        stats.p_lo as f32,
+        stats.p_hi as f32,
+        stats.mean,
+        floor_eps(stats.std),
+    );
+    (z, mn, mx)
+}
+
+/// Spec §6.2, `MinMaxNormalization`, in place: `x = x - min(x)`, then `x / max(max(x), 1e-8)`,
+/// in f32. `zmin` and `zmax` are the extremes of `z`. Returns `max(x)` after the shift.
+pub fn min_max_normalize(z: &mut [f32], zmin: f32, zmax: f32) -> f32 {
+    // Subtraction rounds monotonically, so the shifted maximum is `zmax - zmin` rounded once.
+    let range = zmax - zmin;
+    volume::shift_scale_in_place(z, zmin, floor_eps(range));
+    range
+}
+
+/// Spec §6.2: foreground normalisation followed by the min-max step.
+pub fn foreground_normalize(volume: &[f32], dims: [usize; 3]) -> Result<Normalized> {
+    let stats = foreground_statistics(volume, dims)?;
+    let (mut z, zmin, zmax) = clip_and_zscore(volume, &stats);
+    let minmax_range = min_max_normalize(&mut z, zmin, zmax);
+    Ok(Normalized {
+        volume: z,
+        stats,
+        zscore_min: zmin,
+        minmax_range,
+    })
+}
+
+/// Spec §6.3: MONAI `CropForeground` box of `normalized > 0` (margin 0), as `(start, end)` with
+/// the end exclusive. The official `SpatialPadd` before it only adds zeros, which are never
+/// foreground, so it is skipped. Errors when no voxel is positive.
+pub fn foreground_crop_box(
+    normalized: &[f32],
+    dims: [usize; 3],
+) -> Result<([usize; 3], [usize; 3])> {
+    check_dims("foreground crop", normalized.len(), dims)?;
+    let b = volume::bbox_above(normalized, dims, [0; 3], dims, 0.0).ok_or_else(|| {
+        Error::Input("no foreground: every voxel is at the minimum after normalisation".into())
+    })?;
+    Ok(([b[0], b[1], b[2]], [b[3] + 1, b[4] + 1, b[5] + 1]))
+}
+
+/// Copies the box `[start, end)` out of a `(D, H, W)` volume (spec §6.3, `I_c`).
+pub fn crop_volume(
+    volume: &[f32],
+    dims: [usize; 3],
+    start: [usize; 3],
+    end: [usize; 3],
+) -> Result<Vec<f32>> {
+    check_dims("crop", volume.len(), dims)?;
+    if (0..3).any(|a| start[a] >= end[a] || end[a] > dims[a]) {
+        return Err(Error::Input(format!(
+            "crop box {start:?}..{end:?} is empty or outside the volume {dims:?}"
+        )));
+    }
+    let extent = [end[0] - start[0], end[1] - start[1], end[2] - start[2]];
+    let mut out = vec![0f32; extent.iter().product()];
+    volume::copy_box_f32(
+        volume,
+        dims,
+        [start[0] as i64, start[1] as i64, start[2] as i64],
+        &mut out,
+        extent,
+        [0; 3],
+        extent,
+        0.0,
+    );
+    Ok(out)
+}
+
+/// Spec §6.2–§6.3 in the official order: statistics, clip + z-score, min-max, foreground crop.
+/// `volume` is the CT as `(D, H, W)` = `(Z, Y, X)` of the file's voxel grid.
+pub fn preprocess(volume: &[f32], dims: [usize; 3]) -> Result<Preprocessed> {
+    let norm = foreground_normalize(volume, dims)?;
+    let (crop_start, crop_end) = foreground_crop_box(&norm.volume, dims)?;
+    let cropped = crop_volume(&norm.volume, dims, crop_start, crop_end)?;
+    Ok(Preprocessed {
+        cropped,
+        cropped_dims: [
+            crop_end[0] - crop_start[0],
+            crop_end[1] - crop_start[1],
+            crop_end[2] - crop_start[2],
+        ],
+        crop_start,
+        crop_end,
+        stats: norm.stats,
+        zscore_min: norm.zscore_min,
+        minmax_range: norm.minmax_range,
+    })
+}
+
+/// PyTorch's scale for a resize of `in_size` to `out_size` without `scale_factor`:
+/// `(float)in / out` in f32 (`compute_scales_value`).
+fn scale_f32(in_size: usize, out_size: usize) -> f32 {
+    in_size as f32 / out_size as f32
+}
+
+/// Source index of output voxel `dst` for `mode='nearest-exact'` (spec §6.4, §7.9):
+/// `min(floor((dst + 0.5) * scale), in - 1)` with the f32 scale. PyTorch forms the product in
+/// double from the f32 scale and rounds it to float before `floorf`; that is the correctly
+/// rounded f32 product, reproduced here.
+pub fn nearest_exact_index(dst: usize, in_size: usize, out_size: usize) -> usize {
+    let scale = scale_f32(in_size, out_size);
+    let src = (((dst as f64) + 0.5) * scale as f64) as f32;
+    (src.floor() as usize).min(in_size.saturating_sub(1))
+}
+
+/// Source index of output voxel `dst` for legacy `mode='nearest'` (spec §6.5, §6.6, §7.9):
+/// `min(floor(dst * scale), in - 1)`, product and scale in f32.
+pub fn nearest_index(dst: usize, in_size: usize, out_size: usize) -> usize {
+    let scale = scale_f32(in_size, out_size);
+    ((dst as f32 * scale).floor() as usize).min(in_size.saturating_sub(1))
+}
+
+/// The per-axis source index table of a nearest resize.
+pub fn nearest_table(in_size: usize, out_size: usize, mode: InterpMode) -> Result<Vec<usize>> {
+    let f = match mode {
+        InterpMode::NearestExact => nearest_exact_index,
+        InterpMode::Nearest => nearest_index,
+        InterpMode::Trilinear => {
+            return Err(Error::Internal(
+                "resize_nearest called with trilinear mode".into(),
+            ))
+        }
+    };
+    Ok((0..out_size).map(|j| f(j, in_size, out_size)).collect())
+}
+
+/// Resizes a `(D, H, W)` f32 volume to `dst_dims` with `nearest-exact` or legacy `nearest`
+/// (PyTorch `F.interpolate`, no anti-aliasing; spec §6.4, §6.6).
+pub fn resize_nearest(
+    src: &[f32],
+    src_dims: [usize; 3],
+    dst_dims: [usize; 3],
+    mode: InterpMode,
+) -> Result<Vec<f32>> {
+    check_dims("resize source", src.len(), src_dims)?;
+    if dst_dims.contains(&0) {
+        return Err(Error::Input(format!(
+            "resize to an empty size {dst_dims:?}"
+        )));
+    }
+    let td = nearest_table(src_dims[0], dst_dims[0], mode)?;
+    let th = nearest_table(src_dims[1], dst_dims[1], mode)?;
+    let tw = nearest_table(src_dims[2], dst_dims[2], mode)?;
+    let mut out = vec![0f32; dst_dims.iter().product()];
+    let plane = dst_dims[1] * dst_dims[2];
+    out.par_chunks_mut(plane).enumerate().for_each(|(d, p)| {
+        let sp = &src[td[d] * src_dims[1] * src_dims[2]..][..src_dims[1] * src_dims[2]];
+        for (h, row) in p.chunks_mut(dst_dims[2]).enumerate() {
+            let sr = &sp[th[h] * src_dims[2]..][..src_dims[2]];
+            for (o, &w) in row.iter_mut().zip(&tw) {
+                *o = sr[w];
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// Spec §6.4: the zoom-out model input, the cropped grid resized to the window with
+/// `nearest-exact`.
+pub fn zoom_out_input(
+    cropped: &[f32],
+    cropped_dims: [usize; 3],
+    window: [usize; 3],
+) -> Result<Vec<f32>> {
+    resize_nearest(cropped, cropped_dims, window, InterpMode::NearestExact)
+}
+
+/// Spec §6.6 step 3: the zoom-out logits upsampled to the cropped grid with legacy `nearest`
+/// (`L_global`).
+pub fn global_logits(
+    zoom_logits: &[f32],
+    window: [usize; 3],
+    cropped_dims: [usize; 3],
+) -> Result<Vec<f32>> {
+    resize_nearest(zoom_logits, window, cropped_dims, InterpMode::Nearest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_functions_match_pytorch_formulas() {
+        // Exact rational reference: floor((2j+1) * in / (2 out)) agrees with the f32 formula
+        // away from ties; check a spread of sizes and the f32 behaviour at known points.
+        for (i, o) in [
+            (30usize, 32usize),
+            (96, 64),
+            (121, 64),
+            (340, 256),
+            (506, 256),
+            (20, 32),
+            (64, 64),
+            (7, 3),
+            (3, 7),
+            (1000, 32),
+        ] {
+            let mut prev = 0;
+            for j in 0..o {
+                let e = nearest_exact_index(j, i, o);
+                let n = nearest_index(j, i, o);
+                assert!(e < i && n < i);
+                assert!(e >= prev, "nearest-exact must be monotone");
+                prev = e;
+                let exact_e = ((2 * j + 1) * i) / (2 * o);
+                let exact_n = (j * i) / o;
+                // f32 rounding may only move an index by one, and only at a near-tie.
+                assert!(e.abs_diff(exact_e.min(i - 1)) <= 1, "{i}->{o} j={j}");
+                assert!(n.abs_diff(exact_n.min(i - 1)) <= 1, "{i}->{o} j={j}");
+            }
+            if o == i {
+                assert!((0..o).all(|j| nearest_index(j, i, o) == j));
+                assert!((0..o).all(|j| nearest_exact_index(j, i, o) == j));
+            }
+        }
+        // 30 -> 32 (tiny D zoom-out input): scale 0.9375, (j+0.5)*0.9375.
+        assert_eq!(nearest_exact_index(0, 30, 32), 0);
+        assert_eq!(nearest_exact_index(15, 30, 32), 14);
+        assert_eq!(nearest_exact_index(16, 30, 32), 15);
+        assert_eq!(nearest_exact_index(31, 30, 32), 29);
+        // 32 -> 30 legacy: floor(j * 1.0666666), j = 29 -> 30.
+        assert_eq!(nearest_index(29, 32, 30), 30);
+        assert_eq!(nearest_index(15, 32, 30), 16);
+        // Where the f32 scale differs from exact arithmetic: 2/41 rounds down in f32, so
+        // (20 + 0.5) * scale lands just below 1 (exact: 1); likewise 41 * (2/82) for legacy.
+        assert_eq!(nearest_exact_index(20, 2, 41), 0);
+        assert_eq!(nearest_index(41, 2, 82), 0);
+    }
+
+    #[test]
+    fn resize_uses_per_axis_tables() {
+        let src_dims = [5usize, 7, 9];
+        let src: Vec<f32> = (0..315).map(|i| (i * 37 % 101) as f32 * 0.5).collect();
+        let dst_dims = [8usize, 3, 13];
+        for mode in [InterpMode::NearestExact, InterpMode::Nearest] {
+            let out = resize_nearest(&src, src_dims, dst_dims, mode).unwrap();
+            let td = nearest_table(5, 8, mode).unwrap();
+            let th = nearest_table(7, 3, mode).unwrap();
+            let tw = nearest_table(9, 13, mode).unwrap();
+            for d in 0..8 {
+                for h in 0..3 {
+                    for w in 0..13 {
+                        assert_eq!(
+                            out[(d * 3 + h) * 13 + w],
+                            src[(td[d] * 7 + th[h]) * 9 + tw[w]]
+                        );
+                    }
+                }
+            }
+        }
+        assert!(resize_nearest(&src, src_dims, dst_dims, InterpMode::Trilinear).is_err());
+        assert!(resize_nearest(&src, [5, 7, 8], dst_dims, InterpMode::Nearest).is_err());
+    }
+
+    #[test]
+    fn crop_rejects_bad_boxes() {
+        let v = vec![0.5f32; 24];
+        assert!(crop_volume(&v, [2, 3, 4], [0, 0, 0], [2, 3, 5]).is_err());
+        assert!(crop_volume(&v, [2, 3, 4], [1, 0, 0], [1, 3, 4]).is_err());
+        assert_eq!(
+            crop_volume(&v, [2, 3, 4], [1, 1, 1], [2, 3, 3])
+                .unwrap()
+                .len(),
+            4
+        );
+        assert!(foreground_crop_box(&[0.0; 24], [2, 3, 4]).is_err());
+    }
+}
