@@ -309,7 +309,7 @@ pub struct EmbedArgs {
     pub cols: usize,
 }
 
-// ----- Volume ops (pipeline, spec §6). Outputs never alias inputs. -----
+// ----- Volume ops (pipeline, spec §6). Outputs never alias inputs unless an op says so. -----
 
 /// Foreground intensity statistics (spec §6.2), computed over a whole f32 volume.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -449,16 +449,17 @@ pub trait Backend: Send + Sync {
     /// See the trait documentation.
     unsafe fn embed_gather(&self, a: &EmbedArgs) -> Result<()>;
 
-    /// Foreground statistics of an f32 volume of `n` voxels (exact percentiles).
+    /// Foreground statistics of an f32 volume of model-frame `dims` (D, H, W). The dims fix
+    /// the summation order that reproduces numpy's float32 sums (spec §6.2).
     ///
     /// # Safety
     /// See the trait documentation.
-    unsafe fn foreground_stats(&self, x: Addr, n: usize) -> Result<ForegroundStats>;
+    unsafe fn foreground_stats(&self, x: Addr, dims: [usize; 3]) -> Result<ForegroundStats>;
     /// # Safety
-    /// See the trait documentation. Returns `(min, max)` of the output.
+    /// See the trait documentation. Returns `(min, max)` of the output. `out` may equal `x`.
     unsafe fn clip_zscore(&self, a: &ClipZscoreArgs) -> Result<(f32, f32)>;
     /// # Safety
-    /// See the trait documentation.
+    /// See the trait documentation. `out` may equal `x`.
     unsafe fn shift_scale(&self, a: &ShiftScaleArgs) -> Result<()>;
     /// Bounding box of `x > threshold` inside the sub-box `[start, start + extent)` of an f32
     /// volume of `dims`, relative to `start`.

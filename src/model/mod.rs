@@ -288,8 +288,13 @@ impl SegVol {
     /// `backend`: config, validated weights, tokenizer (spec §5).
     pub fn load(dir: &std::path::Path, backend: Arc<dyn Backend>) -> Result<Self> {
         let (cfg, store) = crate::weights::open_model_dir(dir)?;
-        let tok_dir = if dir.is_dir() { Some(dir) } else { dir.parent() };
-        let tokenizer = TextTokenizer::for_model_dir(tok_dir, &cfg.text_template, cfg.text.max_positions)?;
+        let tok_dir = if dir.is_dir() {
+            Some(dir)
+        } else {
+            dir.parent()
+        };
+        let tokenizer =
+            TextTokenizer::for_model_dir(tok_dir, &cfg.text_template, cfg.text.max_positions)?;
         Self::new(cfg, Arc::new(store), tokenizer, backend)
     }
 

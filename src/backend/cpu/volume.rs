@@ -287,11 +287,16 @@ impl BlockScan {
     }
 }
 
-/// Foreground statistics of a volume summed in buffer order (spec §6.2). See
-/// [`foreground_stats_ordered`]; for a `(D, H, W)` volume read from a NIfTI file, the official
-/// summation order is [`Traversal::ColumnMajor`].
-pub fn foreground_stats(x: &[f32]) -> Result<ForegroundStats> {
-    foreground_stats_ordered(x, Traversal::Linear)
+/// Foreground statistics of a `(D, H, W)` volume read from a NIfTI file (spec §6.2), summed in
+/// the official order: numpy's C order of the `(X, Y, Z)` array, [`Traversal::ColumnMajor`].
+pub fn foreground_stats(x: &[f32], dims: [usize; 3]) -> Result<ForegroundStats> {
+    if x.len() != dims.iter().product::<usize>() {
+        return Err(Error::Internal(format!(
+            "foreground_stats: {} values for dims {dims:?}",
+            x.len()
+        )));
+    }
+    foreground_stats_ordered(x, Traversal::ColumnMajor(dims))
 }
 
 /// Foreground statistics (spec §6.2, `ForegroundNormalization.normalize`), exactly as numpy 1.x
@@ -472,6 +477,16 @@ fn order_stats(f: &mut [f32], n: usize, q: f64) -> f64 {
     })
 }
 
+/// One voxel of [`clip_zscore`].
+#[inline]
+fn zscore(v: f32, lo: f32, hi: f32, mean: f32, std: f32) -> f32 {
+    (v.max(lo).min(hi) - mean) / std
+}
+
+fn min_max_pair(a: (f32, f32), b: (f32, f32)) -> (f32, f32) {
+    (a.0.min(b.0), a.1.max(b.1))
+}
+
 /// `out = (min(max(x, lo), hi) - mean) / std` in f32 (spec §6.2 steps 5–6; numpy's `clip` is
 /// `minimum(maximum(x, lo), hi)`, so `lo > hi` gives `hi` and never panics). Returns the
 /// `(min, max)` of `out`.
@@ -491,20 +506,28 @@ pub fn clip_zscore(
     out.par_chunks_mut(PAR_CHUNK)
         .zip(x.par_chunks(PAR_CHUNK))
         .map(|(o, i)| {
-            let mut mn = f32::INFINITY;
-            let mut mx = f32::NEG_INFINITY;
+            let mut mm = (f32::INFINITY, f32::NEG_INFINITY);
             for (o, &v) in o.iter_mut().zip(i) {
-                let z = (v.max(lo).min(hi) - mean) / std;
-                *o = z;
-                mn = mn.min(z);
-                mx = mx.max(z);
+                *o = zscore(v, lo, hi, mean, std);
+                mm = min_max_pair(mm, (*o, *o));
             }
-            (mn, mx)
+            mm
         })
-        .reduce(
-            || (f32::INFINITY, f32::NEG_INFINITY),
-            |a, b| (a.0.min(b.0), a.1.max(b.1)),
-        )
+        .reduce(|| (f32::INFINITY, f32::NEG_INFINITY), min_max_pair)
+}
+
+/// [`clip_zscore`] in place (the pipeline normalises the uploaded volume where it lies).
+pub fn clip_zscore_in_place(x: &mut [f32], lo: f32, hi: f32, mean: f32, std: f32) -> (f32, f32) {
+    x.par_chunks_mut(PAR_CHUNK)
+        .map(|c| {
+            let mut mm = (f32::INFINITY, f32::NEG_INFINITY);
+            for v in c {
+                *v = zscore(*v, lo, hi, mean, std);
+                mm = min_max_pair(mm, (*v, *v));
+            }
+            mm
+        })
+        .reduce(|| (f32::INFINITY, f32::NEG_INFINITY), min_max_pair)
 }
 
 /// `out = (x - sub) / div` in f32 (the min-max step of spec §6.2).
@@ -906,20 +929,26 @@ mod tests {
 
     #[test]
     fn stats_reject_bad_volumes() {
-        assert!(matches!(foreground_stats(&[]), Err(Error::Input(_))));
         assert!(matches!(
-            foreground_stats(&[3.0; 100]),
+            foreground_stats(&[], [0, 0, 0]),
+            Err(Error::Input(_))
+        ));
+        assert!(matches!(
+            foreground_stats(&[3.0; 100], [1, 1, 100]),
             Err(Error::Input(_))
         ));
         let mut v: Vec<f32> = (0..100).map(|i| i as f32).collect();
         v[7] = f32::NAN;
-        assert!(matches!(foreground_stats(&v), Err(Error::Input(_))));
+        assert!(matches!(
+            foreground_stats(&v, [1, 1, v.len()]),
+            Err(Error::Input(_))
+        ));
         assert!(matches!(
             foreground_stats_ordered(&[1.0, 2.0, 3.0], Traversal::ColumnMajor([2, 2, 2])),
             Err(Error::Input(_))
         ));
         // A single voxel above the mean: both percentiles are that voxel.
-        let s = foreground_stats(&[0.0, 0.0, 0.0, 5.0]).unwrap();
+        let s = foreground_stats(&[0.0, 0.0, 0.0, 5.0], [1, 1, 4]).unwrap();
         assert_eq!(
             (s.count, s.p_lo, s.p_hi, s.mean, s.std),
             (1, 5.0, 5.0, 5.0, 0.0)
