@@ -3,9 +3,11 @@
 //! A [`KernelDevice`] knows how to allocate, copy, launch a kernel by name and run a GEMM;
 //! [`KernelBackend`] turns each op of [`super::Backend`] into launches, once for both devices.
 
+pub mod embedded;
+
 use super::{Addr, Buffer, GemmArgs};
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use std::ffi::c_void;
 
 /// A 3-D launch extent (grid or block).
@@ -98,4 +100,25 @@ pub trait KernelDevice: Send + Sync {
     /// # Safety
     /// As for [`super::Backend::gemm`].
     unsafe fn gemm(&self, args: &GemmArgs, dtype: DType) -> Result<()>;
+
+    /// Starts recording the launches and GEMMs that follow into a graph instead of running
+    /// them (a CUDA graph; DESIGN.md, "Program and memory plan"). Must be paired with
+    /// [`KernelDevice::end_capture`], also after an error. Devices without graphs refuse.
+    fn begin_capture(&self) -> Result<()> {
+        Err(Error::device(self.name(), "graph capture is not supported"))
+    }
+    /// Ends the recording started by [`KernelDevice::begin_capture`] and returns the graph,
+    /// ready to replay.
+    fn end_capture(&self) -> Result<Box<dyn DeviceGraph>> {
+        Err(Error::device(self.name(), "graph capture is not supported"))
+    }
+}
+
+/// Recorded device work that can be replayed as a whole (a CUDA graph).
+pub trait DeviceGraph: Send {
+    /// Replays the recorded work on the device's stream, asynchronously.
+    ///
+    /// # Safety
+    /// Every buffer the recorded work reads or writes must still be alive.
+    unsafe fn launch(&self) -> Result<()>;
 }
