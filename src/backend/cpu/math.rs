@@ -47,6 +47,43 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// Like [`multiversion!`] for a body generic over `const FMA: bool`: the AVX-512 and AVX2
+/// builds get `FMA = true`, the baseline build `false`.
+macro_rules! multiversion_fma {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident;) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")]
+                    unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                        $body::<true>($($arg),*)
+                    }
+                    // SAFETY: the CPU supports every feature v4 is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                        $body::<true>($($arg),*)
+                    }
+                    // SAFETY: the CPU supports every feature v3 is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body::<false>($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion_fma;
+
 /// Lane count the slice kernels process per step (one AVX-512 register of f32).
 pub const LANES: usize = 16;
 
@@ -93,6 +130,18 @@ fn scalbnf(y: f32, n: i32) -> f32 {
     (y * pre) * scale
 }
 
+/// `1.5 * 2^23`: adding it to a float of magnitude below 2^22 rounds it to an integer that
+/// can be read back from the low mantissa bits.
+const MAGIC: f32 = 12_582_912.0;
+
+/// `v as i32` for |v| < 2^22 (other lanes get an unspecified value), without the saturating
+/// conversion that LLVM does not vectorise.
+#[inline(always)]
+fn trunc_to_i32(v: f32) -> i32 {
+    let t = v.trunc().clamp(-4_194_304.0, 4_194_304.0) + MAGIC;
+    (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32)
+}
+
 /// `libm::expf`, bit for bit, as straight-line code that vectorises.
 #[inline(always)]
 pub fn expf(x: f32) -> f32 {
@@ -100,7 +149,7 @@ pub fn expf(x: f32) -> f32 {
     let sign = (bits >> 31) as i32;
     let hx = bits & 0x7fff_ffff;
     let half = sel_f(sign != 0, -0.5, 0.5);
-    let k_big = (INV_LN2 * x + half) as i32;
+    let k_big = trunc_to_i32(INV_LN2 * x + half);
     let k = sel_i(
         hx > 0x3f85_1592,
         k_big,
@@ -252,7 +301,8 @@ pub fn erff(x: f32) -> f32 {
     let y = sel_f(ix < 0x40c0_0000, y_mid, y_big);
     let y = sel_f(neg, -y, y);
     let y = sel_f(small, y_small, y);
-    let special = 1.0 - 2.0 * sel_f(neg, 1.0, 0.0) + 1.0 / x;
+    // erf(NaN) = NaN (the quieted input, as `1/x` gives), erf(+-inf) = +-1.
+    let special = sel_f(ix > 0x7f80_0000, x + x, sel_f(neg, -1.0, 1.0));
     sel_f(ix >= 0x7f80_0000, special, y)
 }
 
@@ -262,27 +312,40 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-// ----- fast exp for softmax (not bit-matched to anything; < 2 ulp) -----
+// ----- fast exp for softmax (not bit-matched to anything) -----
 
-/// `e^x` in f32 with a Cody-Waite reduction and a degree-6 polynomial: relative error below
-/// 3e-7 for results above 2^-126; 0 for `x < -87.33` (where softmax weights vanish anyway).
+/// `a * b + c`, fused when `FMA` (the AVX2 / AVX-512 builds), else two roundings (the
+/// baseline build, where `mul_add` would be a slow library call).
 #[inline(always)]
-pub fn exp_fast(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let xc = x.clamp(-88.0, 88.0);
-    let n = (xc * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
-    let r = xc - n * 0.693_359_4;
-    let r = r - n * -2.121_944_4e-4;
-    let r2 = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 5.000_000_1e-1;
-    let p = p * r2 + r + 1.0;
-    let ni = n as i32;
-    // n is in [-127, 127]; 2^n as bits (n = -127 gives 0, which the select below covers).
+pub fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `e^x` for `x <= 0` (softmax weights): Cody-Waite reduction and a degree-6 polynomial,
+/// relative error below 3e-7 down to 2^-126; 0 below about -87.4 (and for -inf).
+#[inline(always)]
+pub fn exp_nonpos<const FMA: bool>(x: f32) -> f32 {
+    // Below -88.5 the exponent n reaches -128 and the scale below becomes 0.
+    let xc = x.max(-88.5);
+    let t = fmadd::<FMA>(xc, std::f32::consts::LOG2_E, MAGIC);
+    let n = t - MAGIC;
+    let r = fmadd::<FMA>(n, -0.693_359_4, xc);
+    let r = fmadd::<FMA>(n, 2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4;
+    p = fmadd::<FMA>(p, r, 1.398_199_9e-3);
+    p = fmadd::<FMA>(p, r, 8.333_452e-3);
+    p = fmadd::<FMA>(p, r, 4.166_579_6e-2);
+    p = fmadd::<FMA>(p, r, 1.666_666_5e-1);
+    p = fmadd::<FMA>(p, r, 5.000_000_1e-1);
+    let p = fmadd::<FMA>(p, r * r, r) + 1.0;
+    // n sits in the low mantissa bits of t; 2^n as bits, 0 when n < -126.
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let scale = f32::from_bits(((ni + 127).max(0) as u32) << 23);
-    sel_f(x < -87.33, 0.0, p * scale)
+    p * scale
 }
 
 // ----- slice kernels -----
@@ -447,18 +510,25 @@ mod tests {
     }
 
     #[test]
-    fn exp_fast_is_accurate() {
-        let mut worst = 0.0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let e = (x as f64).exp();
-            let got = exp_fast(x) as f64;
-            worst = worst.max(((got - e) / e).abs());
-            x += 0.000_37;
+    fn exp_nonpos_is_accurate() {
+        for fma in [false, true] {
+            let mut worst = 0.0f64;
+            let mut x = -87.0f32;
+            while x <= 0.0 {
+                let e = (x as f64).exp();
+                let got = if fma {
+                    exp_nonpos::<true>(x)
+                } else {
+                    exp_nonpos::<false>(x)
+                } as f64;
+                worst = worst.max(((got - e) / e).abs());
+                x += 0.000_37;
+            }
+            assert!(worst < 3e-7, "fma {fma}: worst relative error {worst:e}");
         }
-        assert!(worst < 3e-7, "worst relative error {worst:e}");
-        assert_eq!(exp_fast(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_fast(-100.0), 0.0);
-        assert_eq!(exp_fast(0.0), 1.0);
+        assert_eq!(exp_nonpos::<false>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpos::<false>(-100.0), 0.0);
+        assert_eq!(exp_nonpos::<false>(0.0), 1.0);
+        assert_eq!(exp_nonpos::<true>(-0.0), 1.0);
     }
 }
