@@ -1,0 +1,899 @@
+//! Fused multi-head attention (spec §1.3, §3, §4.2; DESIGN.md "attention"): online softmax over
+//! blocks of keys, f32 throughout, never holding more than a `Q_BLOCK x K_BLOCK` tile of scores.
+//!
+//! Work is split over (batch, head, block of queries) with rayon. For each task, a loop over key
+//! blocks computes `S = scale * Q K^T` and `O += P V` with single-threaded `gemm` calls (packed
+//! AVX-512 micro-kernels), with the running max / sum of the softmax in between.
+
+use super::{bad_args, check_addr, math, SendPtr};
+use crate::backend::AttentionArgs;
+use crate::error::Result;
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+const OP: &str = "attention";
+
+/// Queries per task.
+const Q_BLOCK: usize = 128;
+/// Keys per step of the online softmax.
+const K_BLOCK: usize = 512;
+
+thread_local! {
+    /// Per-thread tiles: scores (Q_BLOCK x K_BLOCK), output accumulator, row max and sum.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn validate(a: &AttentionArgs) -> Result<()> {
+    let width = a.heads * a.head_dim;
+    let rows = |name: &str, ld: usize, count: usize| {
+        if ld < width && count > 1 {
+            Err(bad_args(
+                OP,
+                format!("{name} row stride {ld} < heads * head_dim = {width}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    rows("q", a.q_row, a.nq)?;
+    rows("k", a.k_row, a.nk)?;
+    rows("v", a.v_row, a.nk)?;
+    rows("out", a.o_row, a.nq)?;
+    if a.batch > 1 && a.o_batch == 0 {
+        return Err(bad_args(OP, "o_batch is 0 with batch > 1"));
+    }
+    let span = |bs: usize, ld: usize, n: usize| (a.batch - 1) * bs + (n - 1) * ld + width;
+    check_addr::<f32>(OP, "q", a.q, span(a.q_batch, a.q_row, a.nq))?;
+    check_addr::<f32>(OP, "k", a.k, span(a.k_batch, a.k_row, a.nk))?;
+    check_addr::<f32>(OP, "v", a.v, span(a.v_batch, a.v_row, a.nk))?;
+    check_addr::<f32>(OP, "out", a.out, span(a.o_batch, a.o_row, a.nq))?;
+    Ok(())
+}
+
+/// Runs [`AttentionArgs`]: `out = softmax(scale * q k^T) v` per batch and head.
+///
+/// # Safety
+/// Every element the arguments describe must lie in live f32 memory; `out` must not overlap
+/// `q`, `k` or `v`.
+pub unsafe fn attention_f32(a: &AttentionArgs) -> Result<()> {
+    if a.batch == 0 || a.heads == 0 || a.nq == 0 || a.head_dim == 0 {
+        return Ok(());
+    }
+    if a.nk == 0 {
+        return Err(bad_args(OP, "nk is 0: softmax over no keys"));
+    }
+    validate(a)?;
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: validated above; the CPU has AVX-512F.
+        unsafe { avx512::run(a) };
+        return Ok(());
+    }
+    // SAFETY: validated above.
+    unsafe { run_gemm(a) };
+    Ok(())
+}
+
+/// The portable path: `gemm` crate products per key block.
+///
+/// # Safety
+/// As [`attention_f32`], with the arguments validated.
+unsafe fn run_gemm(a: &AttentionArgs) {
+    let q_blocks = a.nq.div_ceil(Q_BLOCK);
+    let tasks = a.batch * a.heads * q_blocks;
+    let out = SendPtr(a.out as *mut f32);
+    (0..tasks).into_par_iter().for_each(|t| {
+        let qb = t % q_blocks;
+        let h = (t / q_blocks) % a.heads;
+        let b = t / (q_blocks * a.heads);
+        // SAFETY: each task writes the out rows of its own (batch, head, query block).
+        unsafe { attention_block(a, b, h, qb * Q_BLOCK, out) };
+    });
+}
+
+/// One (batch, head, query block) task.
+unsafe fn attention_block(a: &AttentionArgs, b: usize, h: usize, q0: usize, out: SendPtr<f32>) {
+    let hd = a.head_dim;
+    let rows = Q_BLOCK.min(a.nq - q0);
+    let col = h * hd;
+    // SAFETY (whole function): all offsets stay in the ranges checked by `validate`.
+    let qp = unsafe { (a.q as *const f32).add(b * a.q_batch + q0 * a.q_row + col) };
+    let kp = unsafe { (a.k as *const f32).add(b * a.k_batch + col) };
+    let vp = unsafe { (a.v as *const f32).add(b * a.v_batch + col) };
+    // Causal: row i sees keys j <= i, so the block needs keys below q0 + rows.
+    let kend = if a.causal { a.nk.min(q0 + rows) } else { a.nk };
+
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let need = Q_BLOCK * K_BLOCK + Q_BLOCK * hd + 2 * Q_BLOCK;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let (s, rest) = buf.split_at_mut(Q_BLOCK * K_BLOCK);
+        let (o, rest) = rest.split_at_mut(Q_BLOCK * hd);
+        let (mx, rest) = rest.split_at_mut(Q_BLOCK);
+        let sum = &mut rest[..Q_BLOCK];
+        mx.fill(f32::NEG_INFINITY);
+        sum.fill(0.0);
+
+        let mut kb = 0;
+        while kb < kend {
+            let cols = K_BLOCK.min(kend - kb);
+            // S = scale * Q K^T (rows x cols, row stride K_BLOCK).
+            // SAFETY: k rows kb..kb+cols exist; s has room for rows x K_BLOCK.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    cols,
+                    hd,
+                    s.as_mut_ptr(),
+                    1,
+                    K_BLOCK as isize,
+                    false,
+                    qp,
+                    1,
+                    a.q_row as isize,
+                    kp.add(kb * a.k_row),
+                    a.k_row as isize,
+                    1,
+                    0.0f32,
+                    a.scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            };
+            for r in 0..rows {
+                let srow = &mut s[r * K_BLOCK..r * K_BLOCK + cols];
+                let valid = if a.causal {
+                    (q0 + r + 1).saturating_sub(kb).min(cols)
+                } else {
+                    cols
+                };
+                if valid == 0 {
+                    // Every key of this block is masked for this row: P = 0, state unchanged.
+                    srow.fill(0.0);
+                    continue;
+                }
+                let (m_new, psum) = softmax_block(srow, valid, mx[r]);
+                let corr = (mx[r] - m_new).exp();
+                sum[r] = sum[r] * corr + psum;
+                mx[r] = m_new;
+                if kb > 0 && corr != 1.0 {
+                    o[r * hd..(r + 1) * hd].iter_mut().for_each(|x| *x *= corr);
+                }
+            }
+            // O (+)= P V.
+            // SAFETY: v rows kb..kb+cols exist; o has room for rows x hd.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    hd,
+                    cols,
+                    o.as_mut_ptr(),
+                    1,
+                    hd as isize,
+                    kb > 0,
+                    s.as_ptr(),
+                    1,
+                    K_BLOCK as isize,
+                    vp.add(kb * a.v_row),
+                    1,
+                    a.v_row as isize,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            };
+            kb += cols;
+        }
+        for r in 0..rows {
+            let l = sum[r];
+            // SAFETY: this task owns out row q0 + r, columns col..col+hd.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    out.add(b * a.o_batch + (q0 + r) * a.o_row + col),
+                    hd,
+                )
+            };
+            for (d, &x) in dst.iter_mut().zip(&o[r * hd..(r + 1) * hd]) {
+                *d = x / l;
+            }
+        }
+    });
+}
+
+/// Partial maxima / sums kept per step: four registers' worth, so that the max and sum
+/// chains do not serialise on one register's latency.
+const WIDE: usize = 4 * math::LANES;
+
+#[inline(always)]
+fn softmax_block_body<const FMA: bool>(row: &mut [f32], valid: usize, m_old: f32) -> (f32, f32) {
+    let (live, masked) = row.split_at_mut(valid);
+    let mut mxl = [f32::NEG_INFINITY; WIDE];
+    let mut chunks = live.chunks_exact(WIDE);
+    for ch in &mut chunks {
+        for (m, &v) in mxl.iter_mut().zip(ch) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut m_new = max2(tree::<WIDE>(mxl, max2), m_old);
+    for &v in chunks.remainder() {
+        m_new = max2(v, m_new);
+    }
+    let mut sl = [0f32; WIDE];
+    let mut chunks = live.chunks_exact_mut(WIDE);
+    for ch in &mut chunks {
+        for (s, v) in sl.iter_mut().zip(ch.iter_mut()) {
+            *v = math::exp_nonpos::<FMA>(*v - m_new);
+            *s += *v;
+        }
+    }
+    let mut total = 0f32;
+    for v in chunks.into_remainder() {
+        *v = math::exp_nonpos::<FMA>(*v - m_new);
+        total += *v;
+    }
+    total += tree::<WIDE>(sl, |a, b| a + b);
+    masked.fill(0.0);
+    (m_new, total)
+}
+
+#[inline(always)]
+fn max2(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// Pairwise (tree) reduction of `N` (a power of two) partial results: log2(N) dependent
+/// steps instead of N, and vector shuffles instead of scalar code.
+#[inline(always)]
+fn tree<const N: usize>(mut v: [f32; N], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut half = N / 2;
+    while half > 0 {
+        for i in 0..half {
+            v[i] = f(v[i], v[i + half]);
+        }
+        half /= 2;
+    }
+    v[0]
+}
+
+math::multiversion_fma! {
+    /// Online-softmax step on one row of scores: returns the new running max and the sum of
+    /// `p = exp(s - max)` over the first `valid` entries; writes `p` there and 0 after.
+    pub fn softmax_block(row: &mut [f32], valid: usize, m_old: f32) -> (f32, f32) => softmax_block_body;
+}
+
+/// The AVX-512 path: K^T and V of every head are packed once (K transposed so that keys are
+/// contiguous), then register-tiled micro-kernels compute `S = scale * Q K^T` (6 queries x up
+/// to 64 keys) and `O += P V` (6 queries x up to 64 dims) per block, with the online softmax
+/// in between.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{softmax_block, AttentionArgs, SendPtr};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    /// Queries per task.
+    const QB: usize = 96;
+    /// Keys per online-softmax step.
+    const KB: usize = 256;
+    /// Query rows of a micro-tile.
+    const MR: usize = 6;
+
+    thread_local! {
+        static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    static PACK: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+
+    /// Row stride of packed K^T: keys rounded up to 16, plus 16 so that consecutive rows do
+    /// not map to the same L1 sets when the key count is a power of two.
+    fn ldk(nk: usize) -> usize {
+        nk.div_ceil(16) * 16 + 16
+    }
+
+    pub fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    /// `S[r][16v + l] = scale * Σ_e Q[r][e] Kt[e][16v + l]` for `r < R`, `v < V`.
+    #[inline(always)]
+    unsafe fn s_tile<const R: usize, const V: usize>(
+        q: *const f32,
+        hd: usize,
+        kt: *const f32,
+        ldk: usize,
+        s: *mut f32,
+        lds: usize,
+        scale: f32,
+    ) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            for e in 0..hd {
+                let mut kv = [_mm512_setzero_ps(); V];
+                for (v, k) in kv.iter_mut().enumerate() {
+                    *k = _mm512_loadu_ps(kt.add(e * ldk + 16 * v));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let qb = _mm512_set1_ps(*q.add(r * hd + e));
+                    for (c, k) in row.iter_mut().zip(&kv) {
+                        *c = _mm512_fmadd_ps(qb, *k, *c);
+                    }
+                }
+            }
+            let sc = _mm512_set1_ps(scale);
+            for (r, row) in acc.iter().enumerate() {
+                for (v, c) in row.iter().enumerate() {
+                    _mm512_storeu_ps(s.add(r * lds + 16 * v), _mm512_mul_ps(*c, sc));
+                }
+            }
+        }
+    }
+
+    /// `O[r][16v + l] (+)= Σ_{j < keys} P[r][j] Vm[j][16v + l]` for `r < R`, `v < V`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_tile<const R: usize, const V: usize>(
+        p: *const f32,
+        ldp: usize,
+        vm: *const f32,
+        ldv: usize,
+        o: *mut f32,
+        ldo: usize,
+        keys: usize,
+        accumulate: bool,
+    ) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            if accumulate {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, c) in row.iter_mut().enumerate() {
+                        *c = _mm512_loadu_ps(o.add(r * ldo + 16 * v));
+                    }
+                }
+            }
+            for j in 0..keys {
+                let mut vv = [_mm512_setzero_ps(); V];
+                for (v, x) in vv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(vm.add(j * ldv + 16 * v));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let pb = _mm512_set1_ps(*p.add(r * ldp + j));
+                    for (c, x) in row.iter_mut().zip(&vv) {
+                        *c = _mm512_fmadd_ps(pb, *x, *c);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (v, c) in row.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(r * ldo + 16 * v), *c);
+                }
+            }
+        }
+    }
+
+    macro_rules! by_rv {
+        ($f:ident, $r:expr, $v:expr, $($arg:expr),*) => {
+            match ($r, $v) {
+                (1, 1) => $f::<1, 1>($($arg),*), (1, 2) => $f::<1, 2>($($arg),*),
+                (1, 3) => $f::<1, 3>($($arg),*), (1, 4) => $f::<1, 4>($($arg),*),
+                (2, 1) => $f::<2, 1>($($arg),*), (2, 2) => $f::<2, 2>($($arg),*),
+                (2, 3) => $f::<2, 3>($($arg),*), (2, 4) => $f::<2, 4>($($arg),*),
+                (3, 1) => $f::<3, 1>($($arg),*), (3, 2) => $f::<3, 2>($($arg),*),
+                (3, 3) => $f::<3, 3>($($arg),*), (3, 4) => $f::<3, 4>($($arg),*),
+                (4, 1) => $f::<4, 1>($($arg),*), (4, 2) => $f::<4, 2>($($arg),*),
+                (4, 3) => $f::<4, 3>($($arg),*), (4, 4) => $f::<4, 4>($($arg),*),
+                (5, 1) => $f::<5, 1>($($arg),*), (5, 2) => $f::<5, 2>($($arg),*),
+                (5, 3) => $f::<5, 3>($($arg),*), (5, 4) => $f::<5, 4>($($arg),*),
+                (6, 1) => $f::<6, 1>($($arg),*), (6, 2) => $f::<6, 2>($($arg),*),
+                (6, 3) => $f::<6, 3>($($arg),*), (6, 4) => $f::<6, 4>($($arg),*),
+                _ => unreachable!("tile {} x {}", $r, $v),
+            }
+        };
+    }
+
+    /// Packs, per (batch, head), K^T as `hd x ldk` (keys contiguous, zero-padded) followed by
+    /// V as `nk x hd16` (zero-padded columns), then runs the query blocks in parallel.
+    ///
+    /// # Safety
+    /// Validated arguments; the CPU has AVX-512F.
+    pub unsafe fn run(a: &AttentionArgs) {
+        let hd = a.head_dim;
+        let hd16 = hd.div_ceil(16) * 16;
+        let nk16 = ldk(a.nk);
+        let per = hd * nk16 + a.nk * hd16;
+        let total = a.batch * a.heads * per;
+        // One packing buffer reused across calls (a concurrent call packs into its own).
+        let mut guard = PACK.try_lock().ok();
+        let mut local = Vec::new();
+        let pack: &mut Vec<f32> = match guard.as_deref_mut() {
+            Some(v) => v,
+            None => &mut local,
+        };
+        if pack.len() < total {
+            pack.resize(total, 0.0);
+        }
+        let pack = &mut pack[..total];
+        let (kp, vp) = (SendPtr(a.k as *mut f32), SendPtr(a.v as *mut f32));
+        pack.par_chunks_mut(per).enumerate().for_each(|(t, buf)| {
+            let (b, h) = (t / a.heads, t % a.heads);
+            let (kt, vm) = buf.split_at_mut(hd * nk16);
+            // Padding keys and dims must read as zeros.
+            for e in 0..hd {
+                kt[e * nk16 + a.nk..(e + 1) * nk16].fill(0.0);
+            }
+            for j in 0..a.nk {
+                vm[j * hd16 + hd..(j + 1) * hd16].fill(0.0);
+                // SAFETY: row j of head h lies in the validated k / v ranges.
+                let (krow, vrow) = unsafe {
+                    (
+                        std::slice::from_raw_parts(
+                            kp.add(b * a.k_batch + j * a.k_row + h * hd),
+                            hd,
+                        ),
+                        std::slice::from_raw_parts(
+                            vp.add(b * a.v_batch + j * a.v_row + h * hd),
+                            hd,
+                        ),
+                    )
+                };
+                for (e, &x) in krow.iter().enumerate() {
+                    kt[e * nk16 + j] = x;
+                }
+                vm[j * hd16..j * hd16 + hd].copy_from_slice(vrow);
+            }
+        });
+        let q_blocks = a.nq.div_ceil(QB);
+        let out = SendPtr(a.out as *mut f32);
+        let pack = &*pack;
+        (0..a.batch * a.heads * q_blocks)
+            .into_par_iter()
+            .for_each(|t| {
+                let qb = t % q_blocks;
+                let bh = t / q_blocks;
+                let (kt, vm) = pack[bh * per..(bh + 1) * per].split_at(hd * nk16);
+                // SAFETY: the task writes only the out rows of its own (batch, head, block).
+                unsafe { block(a, bh / a.heads, bh % a.heads, qb * QB, kt, vm, out) };
+            });
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block(
+        a: &AttentionArgs,
+        b: usize,
+        h: usize,
+        q0: usize,
+        kt: &[f32],
+        vm: &[f32],
+        out: SendPtr<f32>,
+    ) {
+        let hd = a.head_dim;
+        let hd16 = hd.div_ceil(16) * 16;
+        let nk16 = ldk(a.nk);
+        let rows = QB.min(a.nq - q0);
+        let kend = if a.causal { a.nk.min(q0 + rows) } else { a.nk };
+        SCRATCH.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let need = QB * hd + QB * KB + QB * hd16 + 2 * QB;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            let (qp, rest) = buf.split_at_mut(QB * hd);
+            let (s, rest) = rest.split_at_mut(QB * KB);
+            let (o, rest) = rest.split_at_mut(QB * hd16);
+            let (mx, sum) = rest.split_at_mut(QB);
+            mx.fill(f32::NEG_INFINITY);
+            sum.fill(0.0);
+            for r in 0..rows {
+                // SAFETY: query row q0 + r of head h lies in the validated q range.
+                let src = unsafe {
+                    std::slice::from_raw_parts(
+                        (a.q as *const f32).add(b * a.q_batch + (q0 + r) * a.q_row + h * hd),
+                        hd,
+                    )
+                };
+                qp[r * hd..(r + 1) * hd].copy_from_slice(src);
+            }
+            let mut kb = 0;
+            while kb < kend {
+                let cols = KB.min(kend - kb);
+                let cols16 = cols.div_ceil(16) * 16;
+                let mut jc = 0;
+                while jc < cols16 {
+                    let nv = ((cols16 - jc) / 16).min(4);
+                    let mut i0 = 0;
+                    while i0 < rows {
+                        let mr = (rows - i0).min(MR);
+                        // SAFETY: Kt has nk16 >= kb + cols16 columns; s has QB x KB.
+                        unsafe {
+                            by_rv!(
+                                s_tile,
+                                mr,
+                                nv,
+                                qp.as_ptr().add(i0 * hd),
+                                hd,
+                                kt.as_ptr().add(kb + jc),
+                                nk16,
+                                s.as_mut_ptr().add(i0 * KB + jc),
+                                KB,
+                                a.scale
+                            )
+                        };
+                        i0 += mr;
+                    }
+                    jc += nv * 16;
+                }
+                for r in 0..rows {
+                    let srow = &mut s[r * KB..r * KB + cols16];
+                    let valid = if a.causal {
+                        (q0 + r + 1).saturating_sub(kb).min(cols)
+                    } else {
+                        cols
+                    };
+                    if valid == 0 {
+                        srow.fill(0.0);
+                        continue;
+                    }
+                    let (m_new, psum) = softmax_block(srow, valid, mx[r]);
+                    let corr = (mx[r] - m_new).exp();
+                    sum[r] = sum[r] * corr + psum;
+                    mx[r] = m_new;
+                    if kb > 0 && corr != 1.0 {
+                        o[r * hd16..(r + 1) * hd16]
+                            .iter_mut()
+                            .for_each(|x| *x *= corr);
+                    }
+                }
+                let mut i0 = 0;
+                while i0 < rows {
+                    let mr = (rows - i0).min(MR);
+                    let mut cc = 0;
+                    while cc < hd16 {
+                        let nv = ((hd16 - cc) / 16).min(4);
+                        // SAFETY: V has rows kb..kb+cols and hd16 columns; o has QB x hd16.
+                        unsafe {
+                            by_rv!(
+                                pv_tile,
+                                mr,
+                                nv,
+                                s.as_ptr().add(i0 * KB),
+                                KB,
+                                vm.as_ptr().add(kb * hd16 + cc),
+                                hd16,
+                                o.as_mut_ptr().add(i0 * hd16 + cc),
+                                hd16,
+                                cols,
+                                kb > 0
+                            )
+                        };
+                        cc += nv * 16;
+                    }
+                    i0 += mr;
+                }
+                kb += cols;
+            }
+            for r in 0..rows {
+                let l = sum[r];
+                // SAFETY: this task owns out row q0 + r, columns h*hd .. (h+1)*hd.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.add(b * a.o_batch + (q0 + r) * a.o_row + h * hd),
+                        hd,
+                    )
+                };
+                for (d, &x) in dst.iter_mut().zip(&o[r * hd16..r * hd16 + hd]) {
+                    *d = x / l;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod profile {
+    use super::*;
+
+    /// Single-threaded timing of one query block against 2048 keys (min over many runs, so
+    /// that a busy machine still gives the uncontended figure).
+    #[test]
+    #[ignore]
+    fn profile_block() {
+        if !avx512::available() {
+            return;
+        }
+        let (nq, nk, hd) = (2048usize, 2048usize, 64usize);
+        let q: Vec<f32> = (0..nq * 3 * 768)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let mut out = vec![0f32; nq * 768];
+        let a = AttentionArgs {
+            batch: 1,
+            heads: 1,
+            nq,
+            nk,
+            head_dim: hd,
+            q: q.as_ptr() as u64,
+            q_row: 2304,
+            q_batch: 0,
+            k: q.as_ptr() as u64 + 768 * 4,
+            k_row: 2304,
+            k_batch: 0,
+            v: q.as_ptr() as u64 + 1536 * 4,
+            v_row: 2304,
+            v_batch: 0,
+            out: out.as_mut_ptr() as u64,
+            o_row: 768,
+            o_batch: 0,
+            scale: 0.125,
+            causal: false,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut best = f64::MAX;
+        pool.install(|| {
+            for _ in 0..30 {
+                let t = std::time::Instant::now();
+                unsafe { avx512::run(&a) };
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        });
+        let fl = 4.0 * (nq * nk * hd) as f64;
+        println!(
+            "one head 2048x2048x64: {:.2} ms, {:.1} GF/s",
+            best * 1e3,
+            fl / best / 1e9
+        );
+        // One 96-query block, packed K/V prepared by a first run.
+        let hd16 = 64;
+        let ldk = 2048 + 16;
+        let mut kt = vec![0f32; hd * ldk];
+        let mut vm = vec![0f32; nk * hd16];
+        for j in 0..nk {
+            for e in 0..hd {
+                kt[e * ldk + j] = q[j * 2304 + 768 + e];
+                vm[j * hd16 + e] = q[j * 2304 + 1536 + e];
+            }
+        }
+        let mut best = f64::MAX;
+        for _ in 0..300 {
+            let t = std::time::Instant::now();
+            unsafe { avx512::block(&a, 0, 0, 96, &kt, &vm, SendPtr(out.as_mut_ptr())) };
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let fl = 4.0 * (96 * nk * hd) as f64;
+        println!(
+            "one 96-query block: {:.3} ms, {:.1} GF/s",
+            best * 1e3,
+            fl / best / 1e9
+        );
+        let a1 = AttentionArgs { nq: 96, ..a };
+        let mut best = f64::MAX;
+        pool.install(|| {
+            for _ in 0..300 {
+                let t = std::time::Instant::now();
+                unsafe { avx512::run(&a1) };
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        });
+        println!("pack + one block: {:.3} ms", best * 1e3);
+        let mut best = f64::MAX;
+        let row: Vec<f32> = (0..256).map(|i| (i % 37) as f32 * 0.1 - 1.0).collect();
+        let mut srow = row.clone();
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            for _ in 0..96 * 8 {
+                srow.copy_from_slice(&row);
+                std::hint::black_box(softmax_block(&mut srow, 256, 0.5));
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "softmax for one 96-query block x 2048 keys: {:.3} ms",
+            best * 1e3
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::super::CpuBackend;
+    use super::*;
+    use crate::backend::Backend;
+
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        batch: usize,
+        heads: usize,
+        nq: usize,
+        nk: usize,
+        hd: usize,
+        causal: bool,
+        packed: bool,
+        seed: u64,
+    ) {
+        let be = CpuBackend::new();
+        let mut rng = Rng(seed);
+        let width = heads * hd;
+        // Packed: q, k, v are column slices of one (rows x 3*width + 3) buffer, as the ViT's QKV.
+        let (q_row, k_row, v_row) = if packed {
+            (3 * width + 3, 3 * width + 3, 3 * width + 3)
+        } else {
+            (width + 1, width + 2, width)
+        };
+        let q_batch = nq * q_row + 7;
+        let k_batch = nk * k_row + 3;
+        let v_batch = nk * v_row + 1;
+        let o_row = width + 5;
+        let o_batch = nq * o_row + 2;
+        let qv = rng.vec(batch * q_batch.max(k_batch).max(v_batch) + 3 * width + 3);
+        let kv = if packed {
+            qv.clone()
+        } else {
+            rng.vec(batch * k_batch)
+        };
+        let vv = if packed {
+            qv.clone()
+        } else {
+            rng.vec(batch * v_batch)
+        };
+        let (k_off, v_off) = if packed { (width, 2 * width) } else { (0, 0) };
+        let (k_batch, v_batch) = if packed {
+            (q_batch, q_batch)
+        } else {
+            (k_batch, v_batch)
+        };
+        let qb = buf(&be, &qv);
+        let kb = if packed { None } else { Some(buf(&be, &kv)) };
+        let vb = if packed { None } else { Some(buf(&be, &vv)) };
+        let kaddr = kb
+            .as_ref()
+            .map_or(qb.addr() + 4 * k_off as u64, |b| b.addr());
+        let vaddr = vb
+            .as_ref()
+            .map_or(qb.addr() + 4 * v_off as u64, |b| b.addr());
+        let o0 = rng.vec(batch * o_batch);
+        let ob = buf(&be, &o0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let args = AttentionArgs {
+            batch,
+            heads,
+            nq,
+            nk,
+            head_dim: hd,
+            q: qb.addr(),
+            q_row,
+            q_batch,
+            k: kaddr,
+            k_row,
+            k_batch,
+            v: vaddr,
+            v_row,
+            v_batch,
+            out: ob.addr(),
+            o_row,
+            o_batch,
+            scale,
+            causal,
+        };
+        unsafe { be.attention(&args).unwrap() };
+        let got = read(&be, ob.addr(), o0.len());
+        let mut want: Vec<f64> = o0.iter().map(|&x| x as f64).collect();
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..nq {
+                    let qi = |e: usize| qv[b * q_batch + i * q_row + h * hd + e] as f64;
+                    let kj = |j: usize, e: usize| {
+                        kv[k_off + b * k_batch + j * k_row + h * hd + e] as f64
+                    };
+                    let vj = |j: usize, e: usize| {
+                        vv[v_off + b * v_batch + j * v_row + h * hd + e] as f64
+                    };
+                    let jmax = if causal { nk.min(i + 1) } else { nk };
+                    let s: Vec<f64> = (0..jmax)
+                        .map(|j| scale as f64 * (0..hd).map(|e| qi(e) * kj(j, e)).sum::<f64>())
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let l: f64 = p.iter().sum();
+                    for e in 0..hd {
+                        want[b * o_batch + i * o_row + h * hd + e] =
+                            (0..jmax).map(|j| p[j] * vj(j, e)).sum::<f64>() / l;
+                    }
+                }
+            }
+        }
+        let what = format!("attention b{batch} h{heads} nq{nq} nk{nk} d{hd} causal {causal}");
+        assert_close(&got, &want, 2e-6, &what);
+        // The portable path too (the dispatcher picks AVX-512 where available).
+        let ob2 = buf(&be, &o0);
+        let args2 = AttentionArgs {
+            out: ob2.addr(),
+            ..args
+        };
+        unsafe { run_gemm(&args2) };
+        assert_close(
+            &read(&be, ob2.addr(), o0.len()),
+            &want,
+            2e-6,
+            &format!("{what} (gemm path)"),
+        );
+    }
+
+    #[test]
+    fn odd_shapes() {
+        let mut seed = 10;
+        for (nq, nk, hd) in [
+            (1, 1, 64),
+            (7, 2048, 48),
+            (2048, 7, 48),
+            (130, 515, 96),
+            (5, 1, 32),
+            (1, 9, 17),
+            (257, 1029, 64),
+        ] {
+            for causal in [false, true] {
+                seed += 1;
+                check(2, 3, nq, nk, hd, causal, seed % 2 == 0, seed);
+            }
+        }
+    }
+
+    #[test]
+    fn clip_like_causal_packed() {
+        check(1, 8, 12, 12, 64, true, true, 5);
+        check(2, 2, 77, 77, 32, true, false, 6);
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        let be = CpuBackend::new();
+        let x = buf(&be, &[0.5; 64]);
+        let o = be.alloc(256).unwrap();
+        let mut a = AttentionArgs {
+            batch: 1,
+            heads: 2,
+            nq: 2,
+            nk: 2,
+            head_dim: 4,
+            q: x.addr(),
+            q_row: 8,
+            q_batch: 16,
+            k: x.addr(),
+            k_row: 8,
+            k_batch: 16,
+            v: x.addr(),
+            v_row: 8,
+            v_batch: 16,
+            out: o.addr(),
+            o_row: 8,
+            o_batch: 16,
+            scale: 0.5,
+            causal: false,
+        };
+        unsafe { be.attention(&a).unwrap() };
+        let got = read(&be, o.addr(), 16);
+        assert!(got.iter().all(|&v| (v - 0.5).abs() < 1e-7), "{got:?}");
+        a.nk = 0;
+        assert!(unsafe { be.attention(&a) }.is_err());
+        a.nk = 2;
+        a.k_row = 7;
+        assert!(unsafe { be.attention(&a) }
+            .unwrap_err()
+            .to_string()
+            .contains("k row stride"));
+    }
+}
