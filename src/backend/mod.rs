@@ -515,3 +515,23 @@ mod tests {
         assert_eq!(Act::Relu.apply(-2.0), 0.0);
     }
 }
+
+/// Opens a backend by name (`--device`): `cpu`, `emu` or `cuda[:N]`, storing weights and
+/// activations as `precision` (default f32 on the CPU, bf16 elsewhere; the CPU runs f32 only).
+pub fn open(device: &str, precision: Option<DType>) -> Result<std::sync::Arc<dyn Backend>> {
+    use crate::error::Error;
+    let unavailable = |msg: String| Error::DeviceUnavailable { device: device.to_string(), msg };
+    match device {
+        "cpu" => match precision.unwrap_or(DType::F32) {
+            DType::F32 => Ok(std::sync::Arc::new(cpu::CpuBackend::new())),
+            p => Err(unavailable(format!(
+                "the CPU backend computes in f32 only (asked for --precision {p})"
+            ))),
+        },
+        "emu" | "cuda" => Err(unavailable("not available yet".into())),
+        d if d.starts_with("cuda:") => Err(unavailable("not available yet".into())),
+        _ => Err(Error::Usage(format!(
+            "--device {device}: expected cpu, emu, cuda or cuda:N"
+        ))),
+    }
+}

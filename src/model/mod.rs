@@ -209,6 +209,7 @@ impl DeviceWeights {
 struct RunState {
     programs: HashMap<ProgramKey, Arc<Compiled>>,
     arena: Option<Buffer>,
+    staging: Option<Buffer>,
 }
 
 /// A loaded SegVol model on one backend.
@@ -280,6 +281,7 @@ impl SegVol {
             state: Mutex::new(RunState {
                 programs: HashMap::new(),
                 arena: None,
+                staging: None,
             }),
         })
     }
@@ -407,16 +409,22 @@ impl SegVol {
         Ok(t)
     }
 
-    /// Encodes `batch` windows already on the device (`(B, 1, D, H, W)` f32 at `images`).
+    /// Encodes `batch` windows already on the device (`(B, 1, D, H, W)` f32 at `images`) into
+    /// image tokens `(B, N, C)` in the model dtype at `out`.
+    pub fn encode_into(&self, images: Addr, batch: usize, out: Addr) -> Result<()> {
+        let c = self.compiled(ProgramKey::Encoder { batch, stages: false })?;
+        self.run(&c, &[("image", images), ("image_embedding", out)])
+    }
+
+    /// Bytes of the image tokens of one window.
+    pub fn embedding_bytes(&self) -> usize {
+        self.cfg.num_tokens() * self.cfg.decoder.dim * self.backend.dtype().size()
+    }
+
+    /// [`Self::encode_into`] a new buffer.
     pub fn encode(&self, images: Addr, batch: usize) -> Result<ImageEmbedding> {
-        let c = self.compiled(ProgramKey::Encoder {
-            batch,
-            stages: false,
-        })?;
-        let bytes =
-            batch * self.cfg.num_tokens() * self.cfg.decoder.dim * self.backend.dtype().size();
-        let buf = self.backend.alloc(bytes)?;
-        self.run(&c, &[("image", images), ("image_embedding", buf.addr())])?;
+        let buf = self.backend.alloc(batch * self.embedding_bytes())?;
+        self.encode_into(images, batch, buf.addr())?;
         Ok(ImageEmbedding { buf, batch })
     }
 
@@ -459,68 +467,68 @@ impl SegVol {
         })
     }
 
-    /// Decodes one prompt per window of `emb` into f32 logits `(B, 1, D, H, W)` at `logits`.
-    /// Windows whose prompts have the same shape run as one batch.
-    pub fn decode(
-        &self,
-        emb: &ImageEmbedding,
-        prompts: &[WindowPrompt],
-        logits: Addr,
-    ) -> Result<()> {
-        if prompts.len() != emb.batch {
-            return Err(Error::Internal(format!(
-                "{} prompts for {} windows",
-                prompts.len(),
-                emb.batch
-            )));
-        }
+    /// Decodes one prompt per window: image tokens of `prompts.len()` windows at `emb`, f32
+    /// logits `(B, 1, D, H, W)` written at `logits`. Windows whose prompts have the same shape
+    /// run as one batch; otherwise each window runs alone.
+    pub fn decode(&self, emb: Addr, prompts: &[WindowPrompt], logits: Addr) -> Result<()> {
         let dtype = self.backend.dtype();
-        let dim = self.cfg.decoder.dim;
-        let per_window = self.cfg.num_tokens() * dim;
         let mut built = Vec::with_capacity(prompts.len());
         for p in prompts {
             built.push(self.tokens(p)?);
         }
-        let same = built.windows(2).all(|w| {
-            w[0].kinds.len() == w[1].kinds.len() && w[0].text.is_some() == w[1].text.is_some()
-        });
+        let same = built
+            .windows(2)
+            .all(|w| w[0].kinds.len() == w[1].kinds.len() && w[0].text.is_some() == w[1].text.is_some());
         let groups: Vec<Vec<usize>> = if same {
             vec![(0..prompts.len()).collect()]
         } else {
             (0..prompts.len()).map(|i| vec![i]).collect()
         };
         let win_bytes = (self.cfg.window_voxels() * 4) as u64;
+        let emb_bytes = self.embedding_bytes() as u64;
         for g in groups {
             let first = &built[g[0]];
-            let key = DecoderKey {
-                batch: g.len(),
-                sparse: first.kinds.len(),
-                text: first.text.is_some(),
-            };
+            let key = DecoderKey { batch: g.len(), sparse: first.kinds.len(), text: first.text.is_some() };
             let c = self.compiled(ProgramKey::Decoder { key, stages: false })?;
-            let tokens: Vec<f32> = g
-                .iter()
-                .flat_map(|&i| built[i].tokens.iter().copied())
-                .collect();
-            let tok_buf = self.upload_f32(&tokens, dtype)?;
-            let text_buf = if key.text {
-                let t: Vec<f32> = g
-                    .iter()
-                    .flat_map(|&i| built[i].text.as_ref().unwrap().embedding.iter().copied())
-                    .collect();
-                Some(self.upload_f32(&t, dtype)?)
-            } else {
-                None
-            };
+            let mut host: Vec<f32> = g.iter().flat_map(|&i| built[i].tokens.iter().copied()).collect();
+            let tok_len = host.len();
+            if key.text {
+                host.extend(g.iter().flat_map(|&i| built[i].text.as_ref().unwrap().embedding.iter().copied()));
+            }
+            let staging = self.stage(&encode_f32(&host, dtype))?;
             let mut ext = vec![
-                ("image_embedding", emb.addr(g[0], per_window, dtype)),
-                ("tokens", tok_buf.addr()),
+                ("image_embedding", emb + g[0] as u64 * emb_bytes),
+                ("tokens", staging),
                 ("logits", logits + g[0] as u64 * win_bytes),
             ];
-            if let Some(t) = &text_buf {
-                ext.push(("text_embedding", t.addr()));
+            if key.text {
+                ext.push(("text_embedding", staging + (tok_len * dtype.size()) as u64));
             }
             self.run(&c, &ext)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads small per-call inputs (decoder tokens, text embeddings) into a staging buffer
+    /// that is kept and grown, so steady-state calls allocate nothing.
+    fn stage(&self, bytes: &[u8]) -> Result<Addr> {
+        let mut st = self.state.lock();
+        if st.staging.as_ref().is_none_or(|b| b.len() < bytes.len()) {
+            st.staging = None;
+            st.staging = Some(self.backend.alloc(bytes.len().next_power_of_two().max(4096))?);
+        }
+        let addr = st.staging.as_ref().unwrap().addr();
+        // SAFETY: the staging buffer holds at least `bytes.len()` bytes.
+        unsafe { self.backend.upload(addr, bytes)? };
+        Ok(addr)
+    }
+
+    /// Makes sure the arena holds at least `bytes`, so that later calls allocate nothing.
+    pub fn reserve_arena(&self, bytes: usize) -> Result<()> {
+        let mut st = self.state.lock();
+        if st.arena.as_ref().is_none_or(|a| a.len() < bytes) {
+            st.arena = None;
+            st.arena = Some(self.backend.alloc(bytes.max(1))?);
         }
         Ok(())
     }
@@ -577,7 +585,7 @@ impl SegVol {
             text,
         } = self.tokens(prompt)?;
         if !stages {
-            self.decode(&emb, std::slice::from_ref(prompt), logits.addr())?;
+            self.decode(emb.addr(0, n * dim, dtype), std::slice::from_ref(prompt), logits.addr())?;
         } else {
             let t = tokens.len() / dim;
             let key = DecoderKey {

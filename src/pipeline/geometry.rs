@@ -244,6 +244,15 @@ pub fn roi_from_logits(
 
 // ----- Sliding windows (spec §6.8) -----
 
+/// The zoom-out prediction as the window boxes need it: `(start, extent)` of a box of the
+/// cropped grid to the bbox of `L_global > 0` inside it, relative to `start`.
+pub type Prediction<'a> = dyn FnMut([usize; 3], [usize; 3]) -> Result<Option<BBox>> + 'a;
+
+/// [`Prediction`] over cropped-grid logits held on the host.
+pub fn host_prediction(global_logits: &[f32], cropped_dims: [usize; 3]) -> impl FnMut([usize; 3], [usize; 3]) -> Result<Option<BBox>> + '_ {
+    move |start, extent| Ok(volume::bbox_above(global_logits, cropped_dims, start, extent, 0.0))
+}
+
 /// One window of the sliding-window scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -360,23 +369,21 @@ impl SlidingWindows {
     /// Multi-window box prompt (spec §6.8 step 5): `generate_box` of the padded zoom-out
     /// prediction (`L_global > 0` inside the ROI, zero in the padding) inside window `i`, in
     /// window coordinates; `None` (fed as `[-1; 6]`) when the window holds no positive voxel.
-    pub fn box_from_prediction(
-        &self,
-        i: usize,
-        global_logits: &[f32],
-        cropped_dims: [usize; 3],
-        roi: &Roi,
-    ) -> Option<BBox> {
+    /// `prediction(start, extent)` is the bbox of `L_global > 0` in that box of the cropped
+    /// grid, relative to `start` (a device's `bbox_above`, or [`host_prediction`]).
+    pub fn box_from_prediction(&self, i: usize, roi: &Roi, prediction: &mut Prediction<'_>) -> Result<Option<BBox>> {
         let r = self.roi_range(i);
         if r.iter().any(|x| x[0] >= x[1]) {
-            return None;
+            return Ok(None);
         }
         let start = [0, 1, 2].map(|a| roi.start[a] + r[a][0]);
         let extent = [0, 1, 2].map(|a| r[a][1] - r[a][0]);
-        let b = volume::bbox_above(global_logits, cropped_dims, start, extent, 0.0)?;
+        let Some(b) = prediction(start, extent)? else {
+            return Ok(None);
+        };
         // From the clipped range back to the window: ROI offset + pad - window start.
         let off = [0, 1, 2].map(|a| r[a][0] + self.pad_before[a] - self.windows[i].start[a]);
-        Some([0, 1, 2, 3, 4, 5].map(|k| b[k] + off[k % 3]))
+        Ok(Some([0, 1, 2, 3, 4, 5].map(|k| b[k] + off[k % 3])))
     }
 
     /// Single-window box prompt (spec §6.8 step 5, §7.13): `generate_box` of the cropped-grid
@@ -436,16 +443,16 @@ impl SlidingWindows {
     pub fn window_box(
         &self,
         i: usize,
-        global_logits: &[f32],
-        cropped_dims: [usize; 3],
         roi: &Roi,
+        cropped_dims: [usize; 3],
         single_window_box: Option<(BBox, [usize; 3])>,
-    ) -> Option<BBox> {
+        prediction: &mut Prediction<'_>,
+    ) -> Result<Option<BBox>> {
         match single_window_box {
             Some((zb, zd)) if self.len() == 1 => {
-                self.box_from_zoom_out_box(i, zb, zd, cropped_dims, roi)
+                Ok(self.box_from_zoom_out_box(i, zb, zd, cropped_dims, roi))
             }
-            _ => self.box_from_prediction(i, global_logits, cropped_dims, roi),
+            _ => self.box_from_prediction(i, roi, prediction),
         }
     }
 

@@ -6,10 +6,13 @@
 //! fastest) is already the model's `(Z, Y, X)` volume (spec §6.1, no reorientation, no
 //! resampling).
 
-use crate::backend::cpu::volume::{self, Traversal};
-use crate::backend::{ForegroundStats, InterpMode};
+use crate::backend::cpu::{volume, CpuBackend};
+use crate::backend::{
+    Addr, Backend, ClipZscoreArgs, CopyBoxArgs, ForegroundStats, Interp3dArgs, InterpMode,
+    ShiftScaleArgs,
+};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 
 /// The `max(std, 1e-8)` / `clip(max, 1e-8)` floors of spec §6.2, applied as numpy applies them:
 /// the floor replaces the value only when the value is smaller, and the division runs in f32.
@@ -32,18 +35,6 @@ fn check_dims(what: &str, len: usize, dims: [usize; 3]) -> Result<()> {
     Ok(())
 }
 
-/// The result of the intensity normalisation (spec §6.2).
-#[derive(Clone, Debug)]
-pub struct Normalized {
-    /// The normalised `(D, H, W)` volume, values in [0, 1].
-    pub volume: Vec<f32>,
-    pub stats: ForegroundStats,
-    /// `min((clip(x) - mean) / std)`: the shift of the min-max step.
-    pub zscore_min: f32,
-    /// The maximum after the shift (before the `1e-8` floor): the divisor of the min-max step.
-    pub minmax_range: f32,
-}
-
 /// A preprocessed CT: the normalised volume cropped to its foreground (spec §6.2–§6.3).
 #[derive(Clone, Debug)]
 pub struct Preprocessed {
@@ -60,113 +51,160 @@ pub struct Preprocessed {
     pub minmax_range: f32,
 }
 
-/// Spec §6.2 steps 1–4: threshold, foreground set, percentiles, mean and std, as numpy computes
-/// them on the `(X, Y, Z)` array the official code flattens (a column-major walk of the
-/// `(D, H, W)` volume; the order fixes the f32 rounding of the sums).
-pub fn foreground_statistics(volume: &[f32], dims: [usize; 3]) -> Result<ForegroundStats> {
-    check_dims("foreground statistics", volume.len(), dims)?;
-    volume::foreground_stats_ordered(volume, Traversal::ColumnMajor(dims))
+/// The scalars of the intensity normalisation (spec §6.2): what the device steps computed.
+#[derive(Clone, Copy, Debug)]
+pub struct NormStats {
+    pub stats: ForegroundStats,
+    /// `min((clip(x) - mean) / std)`: the shift of the min-max step.
+    pub zscore_min: f32,
+    /// The maximum after the shift (before the `1e-8` floor): the divisor of the min-max step.
+    pub minmax_range: f32,
 }
 
-/// Spec §6.2 steps 5–6: `z = (clip(x, lo, hi) - mean) / max(std, 1e-8)` in f32, the bounds
-/// rounded to f32 (numpy 1.x clips a float32 array in float32). Returns `z` with its min and
-/// max.
-pub fn clip_and_zscore(volume: &[f32], stats: &ForegroundStats) -> (Vec<f32>, f32, f32) {
-    let mut z = vec![0f32; volume.len()];
-    let (mn, mx) = volume::clip_zscore(
-        volume,
-        &mut z,
-        stats.p_lo as f32,
-        stats.p_hi as f32,
-        stats.mean,
-        floor_eps(stats.std),
-    );
-    (z, mn, mx)
-}
-
-/// Spec §6.2, `MinMaxNormalization`, in place: `x = x - min(x)`, then `x / max(max(x), 1e-8)`,
-/// in f32. `zmin` and `zmax` are the extremes of `z`. Returns `max(x)` after the shift.
-pub fn min_max_normalize(z: &mut [f32], zmin: f32, zmax: f32) -> f32 {
-    // Subtraction rounds monotonically, so the shifted maximum is `zmax - zmin` rounded once.
+/// Spec §6.2, in place on the device volume at `volume` (`(D, H, W)` f32): statistics
+/// (numpy's summation order, exact percentiles), `z = (clip(x, lo, hi) - mean) / max(std,
+/// 1e-8)` with the bounds rounded to f32 (numpy 1.x clips a float32 array in float32), then the
+/// min-max step `(z - min z) / max(max z - min z, 1e-8)`; subtraction rounds monotonically, so
+/// the shifted maximum is `zmax - zmin` rounded once.
+///
+/// # Safety
+/// `volume` must hold `dims` f32 values in a live buffer of `b`.
+pub unsafe fn normalize_on_device(b: &dyn Backend, volume: Addr, dims: [usize; 3]) -> Result<NormStats> {
+    let n: usize = dims.iter().product();
+    let stats = unsafe { b.foreground_stats(volume, dims)? };
+    let args = ClipZscoreArgs {
+        x: volume,
+        out: volume,
+        n,
+        lo: stats.p_lo as f32,
+        hi: stats.p_hi as f32,
+        mean: stats.mean,
+        std: floor_eps(stats.std),
+    };
+    let (zmin, zmax) = unsafe { b.clip_zscore(&args)? };
     let range = zmax - zmin;
-    volume::shift_scale_in_place(z, zmin, floor_eps(range));
-    range
-}
-
-/// Spec §6.2: foreground normalisation followed by the min-max step.
-pub fn foreground_normalize(volume: &[f32], dims: [usize; 3]) -> Result<Normalized> {
-    let stats = foreground_statistics(volume, dims)?;
-    let (mut z, zmin, zmax) = clip_and_zscore(volume, &stats);
-    let minmax_range = min_max_normalize(&mut z, zmin, zmax);
-    Ok(Normalized {
-        volume: z,
-        stats,
-        zscore_min: zmin,
-        minmax_range,
-    })
+    let args = ShiftScaleArgs { x: volume, out: volume, n, sub: zmin, div: floor_eps(range) };
+    unsafe { b.shift_scale(&args)? };
+    Ok(NormStats { stats, zscore_min: zmin, minmax_range: range })
 }
 
 /// Spec §6.3: MONAI `CropForeground` box of `normalized > 0` (margin 0), as `(start, end)` with
 /// the end exclusive. The official `SpatialPadd` before it only adds zeros, which are never
 /// foreground, so it is skipped. Errors when no voxel is positive.
-pub fn foreground_crop_box(
-    normalized: &[f32],
-    dims: [usize; 3],
-) -> Result<([usize; 3], [usize; 3])> {
-    check_dims("foreground crop", normalized.len(), dims)?;
-    let b = volume::bbox_above(normalized, dims, [0; 3], dims, 0.0).ok_or_else(|| {
+///
+/// # Safety
+/// As for [`normalize_on_device`].
+pub unsafe fn foreground_box_on_device(b: &dyn Backend, volume: Addr, dims: [usize; 3]) -> Result<([usize; 3], [usize; 3])> {
+    let bb = unsafe { b.bbox_above(volume, dims, [0; 3], dims, 0.0)? }.ok_or_else(|| {
         Error::Input("no foreground: every voxel is at the minimum after normalisation".into())
     })?;
-    Ok(([b[0], b[1], b[2]], [b[3] + 1, b[4] + 1, b[5] + 1]))
+    Ok(([bb[0], bb[1], bb[2]], [bb[3] + 1, bb[4] + 1, bb[5] + 1]))
 }
 
-/// Copies the box `[start, end)` out of a `(D, H, W)` volume (spec §6.3, `I_c`).
-pub fn crop_volume(
-    volume: &[f32],
-    dims: [usize; 3],
-    start: [usize; 3],
-    end: [usize; 3],
-) -> Result<Vec<f32>> {
-    check_dims("crop", volume.len(), dims)?;
+/// Copies the box `[start, end)` of a `(D, H, W)` f32 volume at `src` to `dst` (spec §6.3,
+/// `I_c`; also the ROI of §6.8).
+///
+/// # Safety
+/// `src` must hold `dims` f32 values and `dst` the box's.
+pub unsafe fn crop_on_device(b: &dyn Backend, src: Addr, dims: [usize; 3], start: [usize; 3], end: [usize; 3], dst: Addr) -> Result<()> {
     if (0..3).any(|a| start[a] >= end[a] || end[a] > dims[a]) {
         return Err(Error::Input(format!(
             "crop box {start:?}..{end:?} is empty or outside the volume {dims:?}"
         )));
     }
-    let extent = [end[0] - start[0], end[1] - start[1], end[2] - start[2]];
-    let mut out = vec![0f32; extent.iter().product()];
-    volume::copy_box_f32(
-        volume,
-        dims,
-        [start[0] as i64, start[1] as i64, start[2] as i64],
-        &mut out,
+    let extent = [0, 1, 2].map(|a| end[a] - start[a]);
+    let args = CopyBoxArgs {
+        src,
+        src_dims: dims,
+        src_start: start.map(|v| v as i64),
+        dst,
+        dst_dtype: DType::F32,
+        dst_dims: extent,
+        dst_start: [0; 3],
         extent,
-        [0; 3],
-        extent,
-        0.0,
-    );
-    Ok(out)
+        pad: 0.0,
+    };
+    unsafe { b.copy_box(&args) }
 }
 
-/// Spec §6.2–§6.3 in the official order: statistics, clip + z-score, min-max, foreground crop.
-/// `volume` is the CT as `(D, H, W)` = `(Z, Y, X)` of the file's voxel grid.
+/// A nearest resize of an f32 `(D, H, W)` volume on the device (PyTorch `F.interpolate`, no
+/// anti-aliasing): `nearest-exact` for the zoom-out input (spec §6.4), legacy `nearest` for the
+/// logits back to the cropped grid (spec §6.6) and the prompt maps (spec §6.5).
+///
+/// # Safety
+/// `src` and `dst` must hold `src_dims` and `dst_dims` f32 values.
+pub unsafe fn resize_on_device(b: &dyn Backend, src: Addr, src_dims: [usize; 3], dst: Addr, dst_dims: [usize; 3], mode: InterpMode) -> Result<()> {
+    let args = Interp3dArgs {
+        x: src,
+        x_dtype: DType::F32,
+        out: dst,
+        out_dtype: DType::F32,
+        planes: 1,
+        src: src_dims,
+        dst: dst_dims,
+        mode,
+    };
+    unsafe { b.interp3d(&args) }
+}
+
+/// Host volumes through the CPU backend: the same steps as the device pipeline, for tests and
+/// tools that hold a volume in memory.
+struct HostBuf {
+    buf: crate::backend::Buffer,
+}
+
+impl HostBuf {
+    fn new(values: &[f32]) -> Result<Self> {
+        let cpu = CpuBackend::new();
+        let buf = cpu.alloc(values.len().max(1) * 4)?;
+        // SAFETY: sized for the values.
+        unsafe { cpu.upload(buf.addr(), bytemuck::cast_slice(values))? };
+        Ok(HostBuf { buf })
+    }
+    fn zeros(n: usize) -> Result<Self> {
+        Self::new(&vec![0.0; n])
+    }
+    fn to_vec(&self, n: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; n];
+        // SAFETY: the buffer holds at least n values.
+        unsafe { CpuBackend::new().download(self.buf.addr(), bytemuck::cast_slice_mut(&mut out))? };
+        Ok(out)
+    }
+}
+
+/// Spec §6.2–§6.3 on a host volume, in the official order: statistics, clip + z-score,
+/// min-max, foreground crop. `volume` is the CT as `(D, H, W)` = `(Z, Y, X)` of the file's
+/// voxel grid.
 pub fn preprocess(volume: &[f32], dims: [usize; 3]) -> Result<Preprocessed> {
-    let norm = foreground_normalize(volume, dims)?;
-    let (crop_start, crop_end) = foreground_crop_box(&norm.volume, dims)?;
-    let cropped = crop_volume(&norm.volume, dims, crop_start, crop_end)?;
-    Ok(Preprocessed {
-        cropped,
-        cropped_dims: [
-            crop_end[0] - crop_start[0],
-            crop_end[1] - crop_start[1],
-            crop_end[2] - crop_start[2],
-        ],
-        crop_start,
-        crop_end,
-        stats: norm.stats,
-        zscore_min: norm.zscore_min,
-        minmax_range: norm.minmax_range,
-    })
+    check_dims("preprocess", volume.len(), dims)?;
+    let cpu = CpuBackend::new();
+    let v = HostBuf::new(volume)?;
+    // SAFETY: every address below lies in a buffer sized for the volume or the crop.
+    unsafe {
+        let norm = normalize_on_device(&cpu, v.buf.addr(), dims)?;
+        let (crop_start, crop_end) = foreground_box_on_device(&cpu, v.buf.addr(), dims)?;
+        let cropped_dims = [0, 1, 2].map(|a| crop_end[a] - crop_start[a]);
+        let n: usize = cropped_dims.iter().product();
+        let c = HostBuf::zeros(n)?;
+        crop_on_device(&cpu, v.buf.addr(), dims, crop_start, crop_end, c.buf.addr())?;
+        Ok(Preprocessed {
+            cropped: c.to_vec(n)?,
+            cropped_dims,
+            crop_start,
+            crop_end,
+            stats: norm.stats,
+            zscore_min: norm.zscore_min,
+            minmax_range: norm.minmax_range,
+        })
+    }
+}
+
+/// Spec §6.2 steps 1–4 on a host volume: threshold, foreground set, percentiles, mean and std,
+/// as numpy computes them on the `(X, Y, Z)` array the official code flattens (a column-major
+/// walk of the `(D, H, W)` volume; the order fixes the f32 rounding of the sums).
+pub fn foreground_statistics(volume: &[f32], dims: [usize; 3]) -> Result<ForegroundStats> {
+    check_dims("foreground statistics", volume.len(), dims)?;
+    volume::foreground_stats(volume, dims)
 }
 
 /// PyTorch's scale for a resize of `in_size` to `out_size` without `scale_factor`:
@@ -206,8 +244,9 @@ pub fn nearest_table(in_size: usize, out_size: usize, mode: InterpMode) -> Resul
     Ok((0..out_size).map(|j| f(j, in_size, out_size)).collect())
 }
 
-/// Resizes a `(D, H, W)` f32 volume to `dst_dims` with `nearest-exact` or legacy `nearest`
-/// (PyTorch `F.interpolate`, no anti-aliasing; spec §6.4, §6.6).
+/// Resizes a host `(D, H, W)` f32 volume to `dst_dims` with `nearest-exact` or legacy
+/// `nearest` (PyTorch `F.interpolate`, no anti-aliasing; spec §6.4, §6.6), through the CPU
+/// backend's `interp3d`.
 pub fn resize_nearest(
     src: &[f32],
     src_dims: [usize; 3],
@@ -216,25 +255,16 @@ pub fn resize_nearest(
 ) -> Result<Vec<f32>> {
     check_dims("resize source", src.len(), src_dims)?;
     if dst_dims.contains(&0) {
-        return Err(Error::Input(format!(
-            "resize to an empty size {dst_dims:?}"
-        )));
+        return Err(Error::Input(format!("resize to an empty size {dst_dims:?}")));
     }
-    let td = nearest_table(src_dims[0], dst_dims[0], mode)?;
-    let th = nearest_table(src_dims[1], dst_dims[1], mode)?;
-    let tw = nearest_table(src_dims[2], dst_dims[2], mode)?;
-    let mut out = vec![0f32; dst_dims.iter().product()];
-    let plane = dst_dims[1] * dst_dims[2];
-    out.par_chunks_mut(plane).enumerate().for_each(|(d, p)| {
-        let sp = &src[td[d] * src_dims[1] * src_dims[2]..][..src_dims[1] * src_dims[2]];
-        for (h, row) in p.chunks_mut(dst_dims[2]).enumerate() {
-            let sr = &sp[th[h] * src_dims[2]..][..src_dims[2]];
-            for (o, &w) in row.iter_mut().zip(&tw) {
-                *o = sr[w];
-            }
-        }
-    });
-    Ok(out)
+    if mode == InterpMode::Trilinear {
+        return Err(Error::Internal("resize_nearest called with trilinear mode".into()));
+    }
+    let n: usize = dst_dims.iter().product();
+    let (s, d) = (HostBuf::new(src)?, HostBuf::zeros(n)?);
+    // SAFETY: both buffers are sized for their dims.
+    unsafe { resize_on_device(&CpuBackend::new(), s.buf.addr(), src_dims, d.buf.addr(), dst_dims, mode)? };
+    d.to_vec(n)
 }
 
 /// Spec §6.4: the zoom-out model input, the cropped grid resized to the window with
