@@ -3,6 +3,8 @@
 //! A [`KernelDevice`] knows how to allocate, copy, launch a kernel by name and run a GEMM;
 //! [`KernelBackend`] turns each op of [`super::Backend`] into launches, once for both devices.
 
+pub mod embedded;
+
 use super::{Addr, Buffer, GemmArgs};
 use crate::dtype::DType;
 use crate::error::Result;
