@@ -37,9 +37,12 @@
 //     file (`namespace attention { constexpr int TILE = 64; }`): all files share one emulator
 //     translation unit, so two files' `constexpr int TILE` would clash. Anonymous namespaces do
 //     not help (they are per TU).
-//  9. Warp collectives use full masks (0xffffffff) over existing lanes; partial masks are not
-//     emulated (error). Every lane of a warp must reach a collective, and every thread of a block
-//     must reach __syncthreads: a thread that returns early makes the emulator report a deadlock.
+//  9. Warp collectives (shuffles, votes, __syncwarp, wmma, mma/ldmatrix) use full masks
+//     (0xffffffff): every lane that has not exited must reach the collective; lanes that returned
+//     may be named in the mask (as in CUDA) and read as the caller's own value. Masks naming a
+//     subset of the live lanes (partial-warp collectives) are not emulated: error. mma.sync and
+//     ldmatrix need all 32 lanes. Every thread of a block must reach each __syncthreads: a thread
+//     that returned early, or a barrier in divergent code, is reported as a deadlock.
 // 10. Code must be C++17 (nvcc) and must not rely on warp lock-step (no implicit warp-synchronous
 //     programming; use __syncwarp / *_sync intrinsics).
 // 11. wmma fragments: only lane-independent element-wise use of `frag.x[i]` over
@@ -51,8 +54,11 @@
 // 13. Launch limits checked by the emulator: <= 1024 threads per block, <= 227 KiB of dynamic
 //     shared memory. Blocks run one after another (or on `workers` threads), so kernels must not
 //     wait on other blocks (no spin-waits, grid.sync, persistent producer/consumer schemes).
-// 14. printf works in the emulator (not captured by the test harness). Fiber stacks are 128 KiB
-//     (EMU_FIBER_STACK_KB): keep large per-thread arrays in shared memory.
+// 14. printf works in the emulator (not captured by the test harness); a failed `assert` ends the
+//     launch with an error. Fiber stacks are 128 KiB (EMU_FIBER_STACK_KB): keep large per-thread
+//     arrays in shared memory.
+// 15. No std:: functions or constexpr host functions in device code (nvcc runs without
+//     --expt-relaxed-constexpr): use CUDA's math (fminf, expf, min/max), INFINITY, FLT_MAX.
 //
 // Emulator-only extras (under EMU_HOST_EMULATION): `emu::fail(fmt, ...)` ends the launch with an
 // error naming the kernel, block and thread; EMU_KERNEL_AS("name", fn) registers under a name.
@@ -65,6 +71,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <mma.h>
+#include <assert.h>
 #include <stdint.h>
 
 #define EMU_HOST_EMULATION 0

@@ -39,19 +39,20 @@ inline float elem(unsigned reg, int hi, bool bf16) {
     const unsigned short h = static_cast<unsigned short>(hi ? reg >> 16 : reg & 0xffffu);
     return bf16 ? emu::bf16_bits_to_float(h) : emu::half_bits_to_float(h);
 }
-inline void need_full_warp(const char* what) {
-    if (emu::warp_lanes() != 0xffffffffu) emu::fail("%s needs all 32 lanes of the warp", what);
+inline void need_full_warp(unsigned participants, const char* what) {
+    if (participants != 0xffffffffu) emu::fail("%s needs all 32 lanes of the warp (lanes 0x%08x took part)", what, participants);
 }
 // One warp all-gather of the fragment registers, then each lane computes its own 4 accumulators,
 // summing k in order in f32 (products of 16-bit floats are exact in f32).
 inline void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4], bool bf16) {
-    need_full_warp("mma.sync.m16n8k16");
     struct Frag {
         unsigned a[4];
         unsigned b[2];
     };
     const Frag mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
-    const unsigned char* s = emu::warp_exchange(0xffffffffu, &mine, sizeof(Frag), "mma.sync.m16n8k16");
+    unsigned part;
+    const unsigned char* s = emu::warp_exchange(0xffffffffu, &mine, sizeof(Frag), "mma.sync.m16n8k16", &part);
+    need_full_warp(part, "mma.sync.m16n8k16");
     Frag all[32];
     for (int l = 0; l < 32; ++l) std::memcpy(&all[l], s + 64 * l, sizeof(Frag));
     float A[16][16], B[16][8];
@@ -78,8 +79,9 @@ inline void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)
 }
 template <int N, bool TRANS>
 inline void ldmatrix(unsigned (&r)[N], const void* p) {
-    need_full_warp("ldmatrix");
-    const unsigned char* s = emu::warp_exchange(0xffffffffu, &p, sizeof(p), "ldmatrix");
+    unsigned part;
+    const unsigned char* s = emu::warp_exchange(0xffffffffu, &p, sizeof(p), "ldmatrix", &part);
+    need_full_warp(part, "ldmatrix");
     const unsigned short* rows[32];
     for (int l = 0; l < 8 * N; ++l) {
         std::memcpy(&rows[l], s + 64 * l, sizeof(void*));

@@ -332,6 +332,28 @@ extern "C" __global__ void sv_selftest_mma_f16(const unsigned short* A, const un
 }
 EMU_KERNEL(sv_selftest_mma_f16);
 
+// ---- lanes that exited may be named in a full mask ("all non-exited threads named in mask must
+// execute the same intrinsic"): lanes >= 20 of every warp return, the others shuffle and vote.
+extern "C" __global__ void sv_selftest_exited_lanes(int* out) {
+    const int lane = threadIdx.x & 31;
+    if (lane >= 20) return;
+    int* o = out + 5 * threadIdx.x;
+    o[0] = __shfl_xor_sync(0xffffffffu, 10 * lane, 1);
+    o[1] = static_cast<int>(__ballot_sync(0xffffffffu, lane & 1));
+    o[2] = static_cast<int>(__activemask());
+    o[3] = __reduce_add_sync(0xffffffffu, lane);
+    __syncwarp();
+    o[4] = __shfl_down_sync(0xffffffffu, lane, 4);  // lanes 16..19 read lanes 20..23: own value
+}
+EMU_KERNEL(sv_selftest_exited_lanes);
+
+// ---- a device-side assert.
+extern "C" __global__ void sv_selftest_assert(int* out, int v) {
+    assert(v != 3);
+    out[threadIdx.x] = v;
+}
+EMU_KERNEL(sv_selftest_assert);
+
 // ---- timing probe: `iters` rounds of one __syncthreads and one shuffle per thread.
 extern "C" __global__ void sv_selftest_bench(float* out, int iters) {
     float v = static_cast<float>(threadIdx.x);
@@ -350,12 +372,14 @@ extern "C" __global__ void sv_selftest_bug_divergent_barrier(int* out) {
     out[threadIdx.x] = 1;
 }
 EMU_KERNEL(sv_selftest_bug_divergent_barrier);
-// Lanes that returned early are missing from a full-mask shuffle.
-extern "C" __global__ void sv_selftest_bug_early_exit_shuffle(int* out) {
-    if ((threadIdx.x & 31) >= 16) return;
-    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+// Half a warp in a shuffle, the other half at __syncthreads.
+extern "C" __global__ void sv_selftest_bug_divergent_warp_collective(int* out) {
+    int v = static_cast<int>(threadIdx.x);
+    if ((threadIdx.x & 31) < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    __syncthreads();
+    out[threadIdx.x] = v;
 }
-EMU_KERNEL(sv_selftest_bug_early_exit_shuffle);
+EMU_KERNEL(sv_selftest_bug_divergent_warp_collective);
 // A partial-warp mask (not emulated: reported as an error).
 extern "C" __global__ void sv_selftest_bug_partial_mask(int* out) {
     out[threadIdx.x] = __shfl_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 0);

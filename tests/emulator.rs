@@ -513,19 +513,84 @@ fn divergent_barrier_is_a_deadlock_error() {
 
     let msg = err_msg(launch(
         &d,
-        "sv_selftest_bug_early_exit_shuffle",
+        "sv_selftest_bug_divergent_warp_collective",
         [1, 1, 1],
         [64, 1, 1],
         0,
         KernelArgs::new().ptr(o.addr()),
     ));
     assert!(
-        msg.contains("deadlock") && msg.contains("warp collective"),
+        msg.contains("deadlock")
+            && msg.contains("32 wait in __syncthreads, 32 in a warp collective"),
         "{msg}"
     );
     // The device stays usable after an aborted launch.
     let (got, want) = reverse_case(&d, 64, true, 1);
     assert_eq!(bits(&got), bits(&want));
+}
+
+#[test]
+fn exited_lanes_may_be_named_in_full_masks() {
+    for d in all_schedules() {
+        let n = 64usize;
+        let o = up(&d, &vec![-7i32; 5 * n]);
+        launch(
+            &d,
+            "sv_selftest_exited_lanes",
+            [1, 1, 1],
+            [n as u32, 1, 1],
+            0,
+            KernelArgs::new().ptr(o.addr()),
+        )
+        .unwrap();
+        let out: Vec<i32> = down(&d, &o, 5 * n);
+        for t in 0..n {
+            let lane = (t % 32) as i32;
+            let got = &out[5 * t..5 * t + 5];
+            if lane >= 20 {
+                assert!(
+                    got.iter().all(|&v| v == -7),
+                    "exited lane {t} wrote {got:?}"
+                );
+                continue;
+            }
+            let down = if lane + 4 < 20 { lane + 4 } else { lane };
+            let want = [10 * (lane ^ 1), 0xaaaaa, 0xfffff, (0..20).sum(), down];
+            assert_eq!(got, want, "thread {t} {:?}", d.options());
+        }
+    }
+}
+
+#[test]
+fn failed_device_assert_is_an_error() {
+    let d = dev();
+    let o = up(&d, &[0i32; 32]);
+    launch(
+        &d,
+        "sv_selftest_assert",
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        KernelArgs::new().ptr(o.addr()).i32(2),
+    )
+    .unwrap();
+    assert_eq!(down::<i32>(&d, &o, 32), vec![2; 32]);
+    let msg = err_msg(launch(
+        &d,
+        "sv_selftest_assert",
+        [2, 1, 1],
+        [32, 1, 1],
+        0,
+        KernelArgs::new().ptr(o.addr()).i32(3),
+    ));
+    assert!(
+        msg.contains("assertion `v != 3` failed at") && msg.contains("selftest.cu"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("kernel `sv_selftest_assert`, block (0,0,0), thread (0,0,0)"),
+        "{msg}"
+    );
 }
 
 #[test]

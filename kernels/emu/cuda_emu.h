@@ -72,10 +72,12 @@ void syncthreads();
 // __syncthreads_count: the number of threads of the block that passed a non-zero predicate.
 int syncthreads_count(int pred);
 void syncwarp(unsigned mask);
-// Warp collective: copies `bytes` (<= 64) from `src` into this lane's slot, waits for every
-// lane of the warp, and returns the warp's 32 slots of 64 bytes each (slot i = lane i).
-// `mask` must name every existing lane of the warp (partial masks are not emulated).
-const unsigned char* warp_exchange(unsigned mask, const void* src, unsigned bytes, const char* what);
+// Warp collective: copies `bytes` (<= 64) from `src` into this lane's slot, waits until every
+// lane of the warp that has not exited arrives, and returns the warp's 32 slots of 64 bytes each
+// (slot i = lane i). `*participants` receives the lanes that took part: as in CUDA, lanes that
+// exited are allowed in `mask`; every participant must be in `mask` (partial-warp collectives are
+// not emulated: error).
+const unsigned char* warp_exchange(unsigned mask, const void* src, unsigned bytes, const char* what, unsigned* participants);
 // Existing lanes of the calling thread's warp (the last warp of a block may be partial).
 unsigned warp_lanes();
 // Existing lanes that have not exited.
@@ -154,6 +156,15 @@ struct Thunk<F> {
         ::emu::register_kernel(::emu::Thunk<&fn>::info(name, __FILE__, __LINE__))
 // Dynamic shared memory (the size is the launch's shared_bytes).
 #define EMU_DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(::emu::dyn_smem())
+
+// A failed device-side assert ends the launch with an error (on the GPU it traps the kernel)
+// instead of aborting the host process.
+#undef assert
+#ifdef NDEBUG
+#define assert(e) ((void)0)
+#else
+#define assert(e) ((e) ? (void)0 : ::emu::fail("assertion `%s` failed at %s:%d", #e, __FILE__, __LINE__))
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Vector types (CUDA's alignments).
@@ -407,7 +418,8 @@ inline T shfl(Shfl op, unsigned mask, T var, int b, int width, const char* what)
     if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
         fail("%s: width %d is not a power of two in [1, 32]", what, width);
     }
-    const unsigned char* slots = warp_exchange(mask, &var, sizeof(T), what);
+    unsigned part;
+    const unsigned char* slots = warp_exchange(mask, &var, sizeof(T), what, &part);
     const int lane = static_cast<int>(lane_id());
     const int segmask = 32 - width;  // high bits select the segment
     const int seg_lo = lane & segmask;
@@ -432,17 +444,19 @@ inline T shfl(Shfl op, unsigned mask, T var, int b, int width, const char* what)
             ok = j <= seg_hi;
             break;
     }
-    if (!ok || j < 0 || j > 31 || !((warp_lanes() >> j) & 1u)) return var;
+    // A source outside the segment, or one that did not take part (exited, or beyond a partial
+    // last warp; undefined in CUDA), yields the caller's own value.
+    if (!ok || j < 0 || j > 31 || !((part >> j) & 1u)) return var;
     T r;
     std::memcpy(&r, slots + 64 * j, sizeof(T));
     return r;
 }
 template <class T>
 inline unsigned match_any(unsigned mask, T v) {
-    const unsigned char* s = warp_exchange(mask, &v, sizeof(T), "__match_any_sync");
-    unsigned lanes = warp_lanes(), r = 0;
+    unsigned lanes, r = 0;
+    const unsigned char* s = warp_exchange(mask, &v, sizeof(T), "__match_any_sync", &lanes);
     for (int j = 0; j < 32; ++j) {
-        if (((lanes & mask) >> j) & 1u) {
+        if ((lanes >> j) & 1u) {
             if (std::memcmp(s + 64 * j, &v, sizeof(T)) == 0) r |= 1u << j;
         }
     }
@@ -450,8 +464,8 @@ inline unsigned match_any(unsigned mask, T v) {
 }
 template <class T>
 inline unsigned match_all(unsigned mask, T v, int* pred) {
-    const unsigned char* s = warp_exchange(mask, &v, sizeof(T), "__match_all_sync");
-    unsigned lanes = warp_lanes() & mask;
+    unsigned lanes;
+    const unsigned char* s = warp_exchange(mask, &v, sizeof(T), "__match_all_sync", &lanes);
     for (int j = 0; j < 32; ++j) {
         if (((lanes >> j) & 1u) && std::memcmp(s + 64 * j, &v, sizeof(T)) != 0) {
             *pred = 0;
@@ -496,20 +510,32 @@ EMU_SHFL_OVERLOADS(unsigned long long)
 EMU_SHFL_OVERLOADS(float)
 EMU_SHFL_OVERLOADS(double)
 
-inline unsigned __ballot_sync(unsigned mask, int pred) {
+namespace emu {
+// Ballot over the participating lanes; *part receives them.
+inline unsigned vote(unsigned mask, int pred, const char* what, unsigned* part) {
     int p = pred != 0;
-    const unsigned char* s = emu::warp_exchange(mask, &p, sizeof(int), "__ballot_sync");
+    const unsigned char* s = warp_exchange(mask, &p, sizeof(int), what, part);
     unsigned r = 0;
-    emu::for_lanes(s, emu::warp_lanes() & mask, [&](int j, int v) { r |= static_cast<unsigned>(v) << j; });
+    for_lanes(s, *part, [&](int j, int v) { r |= static_cast<unsigned>(v) << j; });
     return r;
 }
-inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+}  // namespace emu
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    unsigned part;
+    return emu::vote(mask, pred, "__ballot_sync", &part);
+}
+inline int __any_sync(unsigned mask, int pred) {
+    unsigned part;
+    return emu::vote(mask, pred, "__any_sync", &part) != 0;
+}
 inline int __all_sync(unsigned mask, int pred) {
-    return __ballot_sync(mask, pred) == (emu::warp_lanes() & mask);
+    unsigned part;
+    return emu::vote(mask, pred, "__all_sync", &part) == part;
 }
 inline int __uni_sync(unsigned mask, int pred) {
-    unsigned b = __ballot_sync(mask, pred);
-    return b == 0 || b == (emu::warp_lanes() & mask);
+    unsigned part;
+    const unsigned b = emu::vote(mask, pred, "__uni_sync", &part);
+    return b == 0 || b == part;
 }
 inline unsigned __match_any_sync(unsigned mask, unsigned v) { return emu::match_any(mask, v); }
 inline unsigned __match_any_sync(unsigned mask, int v) { return emu::match_any(mask, v); }
@@ -526,9 +552,10 @@ inline unsigned __match_all_sync(unsigned mask, double v, int* pred) { return em
 
 #define EMU_REDUCE_SYNC(name, T, init, OP)                                                     \
     inline T name(unsigned mask, T value) {                                                    \
-        const unsigned char* s = emu::warp_exchange(mask, &value, sizeof(T), #name);           \
+        unsigned part;                                                                         \
+        const unsigned char* s = emu::warp_exchange(mask, &value, sizeof(T), #name, &part);    \
         T r = init;                                                                            \
-        emu::for_lanes(s, emu::warp_lanes() & mask, [&](int, int raw) {                        \
+        emu::for_lanes(s, part, [&](int, int raw) {                                            \
             T v = static_cast<T>(raw);                                                         \
             r = OP;                                                                            \
         });                                                                                    \

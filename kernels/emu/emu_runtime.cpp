@@ -177,6 +177,9 @@ struct BlockRun {
     unsigned warp_exist[32];
     unsigned warp_done[32];
     unsigned char* xbuf = nullptr;
+    // The lanes released by a warp's last collective (read by each of them when it resumes, before
+    // it can reach the next collective of the warp).
+    unsigned warp_part[32];
     unsigned char* dyn = nullptr;
     size_t dyn_cap = 0;
     unsigned dyn_bytes = 0;
@@ -293,7 +296,8 @@ void fiber_entry() {
     r->n_done++;
     r->warp_done[f->lin >> 5] |= 1u << (f->lin & 31);
     ctx_switch(&f->ctx, &r->sched);
-    __builtin_unreachable();
+    fprintf(stderr, "emu: internal error: a finished fiber was resumed\n");
+    abort();
 }
 
 inline void block_here(BlockRun* r, Fiber* f, uint8_t state) {
@@ -367,10 +371,19 @@ int run_block(BlockRun& r, uint3 b, uint64_t seed, uint64_t block_linear) {
             r.bcount[r.bphase] = 0;
             released = true;
         }
+        // A warp collective completes when every lane that has not exited arrived (CUDA: "all
+        // non-exited threads named in mask must execute" it).
         for (unsigned w = 0; w < r.nwarps; ++w) {
-            if (r.warp_wait[w] > 0 && r.warp_wait[w] == __builtin_popcount(r.warp_exist[w])) {
+            if (r.warp_wait[w] > 0 && r.warp_wait[w] == __builtin_popcount(r.warp_exist[w] & ~r.warp_done[w])) {
                 unsigned end = std::min(n, 32 * w + 32);
-                for (unsigned i = 32 * w; i < end; ++i) r.fibers[i].state = kReady;
+                unsigned part = 0;
+                for (unsigned i = 32 * w; i < end; ++i) {
+                    if (r.fibers[i].state == kWaitWarp) {  // not the exited lanes
+                        r.fibers[i].state = kReady;
+                        part |= 1u << (i & 31);
+                    }
+                }
+                r.warp_part[w] = part;
                 r.warp_wait[w] = 0;
                 released = true;
             }
@@ -381,8 +394,8 @@ int run_block(BlockRun& r, uint3 b, uint64_t seed, uint64_t block_linear) {
             std::string detail;
             for (unsigned w = 0; w < r.nwarps; ++w) {
                 if (r.warp_wait[w] > 0) {
-                    detail = strf("; warp %u: %d of %d lanes wait in a warp collective, lanes 0x%08x exited", w, r.warp_wait[w],
-                                  __builtin_popcount(r.warp_exist[w]), r.warp_done[w]);
+                    detail = strf("; warp %u: %d of its %d live lanes wait in a warp collective", w, r.warp_wait[w],
+                                  __builtin_popcount(r.warp_exist[w] & ~r.warp_done[w]));
                     break;
                 }
             }
@@ -624,37 +637,30 @@ int syncthreads_count(int pred) {
     return r->bcount[phase];
 }
 
-namespace {
-void check_mask(BlockRun* r, Fiber* f, unsigned mask, const char* what) {
-    const unsigned exist = r->warp_exist[f->lin >> 5];
-    if ((mask & exist) != exist) {
-        fail("%s: mask 0x%08x does not name every lane of the warp (lanes 0x%08x); partial-warp masks are not emulated", what, mask,
-             exist);
-    }
-}
-}  // namespace
-
 void syncwarp(unsigned mask) {
-    BlockRun* r = current("__syncwarp");
-    Fiber* f = r->cur;
-    check_mask(r, f, mask, "__syncwarp");
-    r->warp_wait[f->lin >> 5]++;
-    block_here(r, f, kWaitWarp);
+    unsigned part;
+    (void)warp_exchange(mask, nullptr, 0, "__syncwarp", &part);
 }
 
-const unsigned char* warp_exchange(unsigned mask, const void* src, unsigned bytes, const char* what) {
+const unsigned char* warp_exchange(unsigned mask, const void* src, unsigned bytes, const char* what, unsigned* participants) {
     BlockRun* r = current(what);
     Fiber* f = r->cur;
-    check_mask(r, f, mask, what);
     const unsigned w = f->lin >> 5, lane = f->lin & 31;
+    if (!((mask >> lane) & 1u)) fail("%s: mask 0x%08x does not include the calling lane %u (partial-warp masks are not emulated)", what, mask, lane);
     // Double-buffered: a lane can only write this phase again two collectives later, after every
     // lane has passed the collective in between and so has read this one.
-    unsigned char* base = r->xbuf + (w * 2 + f->wphase) * 32 * kSlot;
+    const unsigned slot0 = (w * 2 + f->wphase) * 32;
     f->wphase ^= 1;
-    std::memcpy(base + lane * kSlot, src, bytes);
+    if (bytes) std::memcpy(r->xbuf + (slot0 + lane) * kSlot, src, bytes);
     r->warp_wait[w]++;
     block_here(r, f, kWaitWarp);
-    return base;
+    const unsigned part = r->warp_part[w];
+    if ((mask & part) != part) {
+        fail("%s: mask 0x%08x does not name every participating lane (0x%08x); partial-warp masks are not emulated", what, mask,
+             part);
+    }
+    *participants = part;
+    return r->xbuf + slot0 * kSlot;
 }
 
 unsigned warp_lanes() {
@@ -684,7 +690,8 @@ void fail(const char* fmt, ...) {
                   f->idx.y, f->idx.z, buf);
     r->err = kKernelFailed;
     block_here(r, f, kFailed);  // never resumed: the launch is abandoned
-    __builtin_unreachable();
+    fprintf(stderr, "emu: internal error: a failed fiber was resumed\n");
+    abort();
 }
 
 unsigned char* dyn_smem() { return current("dynamic shared memory")->dyn; }
