@@ -26,7 +26,9 @@
 //  5. Dynamic shared memory: `EMU_DYN_SHARED(T, name);` inside the kernel (16-byte aligned; the
 //     size is the launch's shared_bytes). Never `extern __shared__` directly: once `__shared__` is
 //     a macro that cannot be expressed. Static `__shared__` arrays are fine; their types must be
-//     trivial (no constructors; __half/__nv_bfloat16 are).
+//     trivial (no constructors; __half/__nv_bfloat16 are). Prefer dynamic shared memory for large
+//     buffers: only it is poisoned per block (NaN), and every static __shared__ array of every
+//     kernel is thread-local storage of every host thread in the emulator.
 //  6. Emulator-only code goes under `#if EMU_HOST_EMULATION`, GPU-only code under
 //     `#if !EMU_HOST_EMULATION` (may then test `__CUDA_ARCH__`). Never use `__CUDA_ARCH__` to
 //     select the emulator path: nvcc's host pass parses device bodies too.

@@ -230,11 +230,17 @@ impl KernelDevice for EmuDevice {
     }
 
     unsafe fn upload(&self, dst: Addr, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
         std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
         Ok(())
     }
 
     unsafe fn download(&self, src: Addr, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
         std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len());
         Ok(())
     }
