@@ -1,25 +1,29 @@
-//! TEMPORARY stand-in for the file `build.rs` generates (`$OUT_DIR/kernels.rs`), with the same
-//! items, as a build without nvcc produces them. Replaced at merge by the generated file.
+//! The CUDA kernels of `kernels/*.cu` as build.rs compiled them (docs: toolchain.md §3): per file,
+//! PTX for the primary arch (`CUDA_ARCH`, sm_90a unless the build set env `CUDA_ARCH`) and for
+//! sm_80, an assembled cubin for the primary arch, and the kernel names (`EMU_KERNEL(name)`).
+//!
+//! Built without nvcc, [`BUILT_WITH_KERNELS`] is false, [`NVCC_VERSION`] and [`CUDA_ARCH`] are
+//! empty and every module's PTX and cubin are empty (the kernel names are still listed; the
+//! emulator runs the same kernels).
 
-/// One `kernels/<stem>.cu` compiled for the device.
+/// One `kernels/<name>.cu` file compiled by nvcc.
+#[derive(Debug)]
 pub struct KernelModule {
-    /// The `.cu` stem.
+    /// The file stem (`selftest` for `kernels/selftest.cu`).
     pub name: &'static str,
-    /// PTX for `sm_90a` (empty without nvcc).
+    /// PTX for the primary arch ([`CUDA_ARCH`], normally sm_90a); empty without nvcc.
     pub ptx_sm90a: &'static str,
-    /// PTX for `sm_80`, JIT-compiled on devices other than compute capability 9.0.
+    /// PTX for sm_80 (JIT-compiled on Ampere and later); empty without nvcc.
     pub ptx_sm80: &'static str,
-    /// The `sm_90a` cubin, loaded without JIT on compute capability 9.0.
+    /// The primary-arch cubin (loads without PTX JIT); empty without nvcc.
     pub cubin_sm90a: &'static [u8],
-    /// The `extern "C"` kernel names the module defines.
+    /// The `extern "C"` kernels of the file, in source order.
     pub kernels: &'static [&'static str],
 }
 
-/// Whether nvcc compiled the kernels into this binary.
-pub const BUILT_WITH_KERNELS: bool = false;
-/// `nvcc --version`'s release line ("" without nvcc).
-pub const NVCC_VERSION: &str = "";
-/// The cubin architecture (`90a`).
-pub const CUDA_ARCH: &str = "";
-/// Every kernel module.
-pub static MODULES: &[KernelModule] = &[];
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The module that defines `kernel`.
+pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
+    MODULES.iter().find(|m| m.kernels.contains(&kernel))
+}
