@@ -208,7 +208,14 @@ fn geometry_fixture_every_case() {
                     .expect("single-window box cases give the cube");
                 sw.box_from_prompt_map(i, m, cropped, &roi)
             } else {
-                sw.window_box(i, &roi, cropped, None, &mut geometry::host_prediction(&logits, cropped)).unwrap()
+                sw.window_box(
+                    i,
+                    &roi,
+                    cropped,
+                    None,
+                    &mut geometry::host_prediction(&logits, cropped),
+                )
+                .unwrap()
             };
             assert_eq!(box_prompt(got), box_value(want), "{name}: window {i} box");
         }
@@ -394,7 +401,15 @@ fn check_pipeline_case(
                 } else {
                     assert!(src.contains("prediction"), "{case}: {src}");
                 }
-                let got = sw.window_box(i, &roi, cropped, Some((zb, window)), &mut geometry::host_prediction(&global, cropped)).unwrap();
+                let got = sw
+                    .window_box(
+                        i,
+                        &roi,
+                        cropped,
+                        Some((zb, window)),
+                        &mut geometry::host_prediction(&global, cropped),
+                    )
+                    .unwrap();
                 assert_eq!(
                     box_prompt(got),
                     box_value(&w["box"]),

@@ -485,6 +485,11 @@ pub trait Backend: Send + Sync {
     /// # Safety
     /// See the trait documentation.
     unsafe fn divide_counts(&self, acc: Addr, cnt: Addr, out: Addr, n: usize) -> Result<()>;
+    /// `dst[i] = value` for `n` f32 values (zeroing the sliding-window accumulators).
+    ///
+    /// # Safety
+    /// See the trait documentation.
+    unsafe fn fill(&self, dst: Addr, n: usize, value: f32) -> Result<()>;
     /// `out[i] = (x[i] > threshold) as u8` for an f32 `x`.
     ///
     /// # Safety
@@ -520,7 +525,10 @@ mod tests {
 /// activations as `precision` (default f32 on the CPU, bf16 elsewhere; the CPU runs f32 only).
 pub fn open(device: &str, precision: Option<DType>) -> Result<std::sync::Arc<dyn Backend>> {
     use crate::error::Error;
-    let unavailable = |msg: String| Error::DeviceUnavailable { device: device.to_string(), msg };
+    let unavailable = |msg: String| Error::DeviceUnavailable {
+        device: device.to_string(),
+        msg,
+    };
     match device {
         "cpu" => match precision.unwrap_or(DType::F32) {
             DType::F32 => Ok(std::sync::Arc::new(cpu::CpuBackend::new())),
@@ -528,8 +536,26 @@ pub fn open(device: &str, precision: Option<DType>) -> Result<std::sync::Arc<dyn
                 "the CPU backend computes in f32 only (asked for --precision {p})"
             ))),
         },
-        "emu" | "cuda" => Err(unavailable("not available yet".into())),
-        d if d.starts_with("cuda:") => Err(unavailable("not available yet".into())),
+        "emu" => {
+            let dev = emu::EmuDevice::new()?;
+            Ok(std::sync::Arc::new(kernel::KernelBackend::new(
+                dev,
+                precision.unwrap_or(DType::BF16),
+            )?))
+        }
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let ordinal = match d.strip_prefix("cuda:") {
+                None => 0,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| Error::Usage(format!("--device {d}: expected cuda or cuda:N")))?,
+            };
+            let dev = cuda::CudaDevice::new(ordinal)?;
+            Ok(std::sync::Arc::new(kernel::KernelBackend::new(
+                dev,
+                precision.unwrap_or(DType::BF16),
+            )?))
+        }
         _ => Err(Error::Usage(format!(
             "--device {device}: expected cpu, emu, cuda or cuda:N"
         ))),

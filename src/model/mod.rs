@@ -412,7 +412,10 @@ impl SegVol {
     /// Encodes `batch` windows already on the device (`(B, 1, D, H, W)` f32 at `images`) into
     /// image tokens `(B, N, C)` in the model dtype at `out`.
     pub fn encode_into(&self, images: Addr, batch: usize, out: Addr) -> Result<()> {
-        let c = self.compiled(ProgramKey::Encoder { batch, stages: false })?;
+        let c = self.compiled(ProgramKey::Encoder {
+            batch,
+            stages: false,
+        })?;
         self.run(&c, &[("image", images), ("image_embedding", out)])
     }
 
@@ -476,9 +479,9 @@ impl SegVol {
         for p in prompts {
             built.push(self.tokens(p)?);
         }
-        let same = built
-            .windows(2)
-            .all(|w| w[0].kinds.len() == w[1].kinds.len() && w[0].text.is_some() == w[1].text.is_some());
+        let same = built.windows(2).all(|w| {
+            w[0].kinds.len() == w[1].kinds.len() && w[0].text.is_some() == w[1].text.is_some()
+        });
         let groups: Vec<Vec<usize>> = if same {
             vec![(0..prompts.len()).collect()]
         } else {
@@ -488,12 +491,22 @@ impl SegVol {
         let emb_bytes = self.embedding_bytes() as u64;
         for g in groups {
             let first = &built[g[0]];
-            let key = DecoderKey { batch: g.len(), sparse: first.kinds.len(), text: first.text.is_some() };
+            let key = DecoderKey {
+                batch: g.len(),
+                sparse: first.kinds.len(),
+                text: first.text.is_some(),
+            };
             let c = self.compiled(ProgramKey::Decoder { key, stages: false })?;
-            let mut host: Vec<f32> = g.iter().flat_map(|&i| built[i].tokens.iter().copied()).collect();
+            let mut host: Vec<f32> = g
+                .iter()
+                .flat_map(|&i| built[i].tokens.iter().copied())
+                .collect();
             let tok_len = host.len();
             if key.text {
-                host.extend(g.iter().flat_map(|&i| built[i].text.as_ref().unwrap().embedding.iter().copied()));
+                host.extend(
+                    g.iter()
+                        .flat_map(|&i| built[i].text.as_ref().unwrap().embedding.iter().copied()),
+                );
             }
             let staging = self.stage(&encode_f32(&host, dtype))?;
             let mut ext = vec![
@@ -515,7 +528,10 @@ impl SegVol {
         let mut st = self.state.lock();
         if st.staging.as_ref().is_none_or(|b| b.len() < bytes.len()) {
             st.staging = None;
-            st.staging = Some(self.backend.alloc(bytes.len().next_power_of_two().max(4096))?);
+            st.staging = Some(
+                self.backend
+                    .alloc(bytes.len().next_power_of_two().max(4096))?,
+            );
         }
         let addr = st.staging.as_ref().unwrap().addr();
         // SAFETY: the staging buffer holds at least `bytes.len()` bytes.
@@ -585,7 +601,11 @@ impl SegVol {
             text,
         } = self.tokens(prompt)?;
         if !stages {
-            self.decode(emb.addr(0, n * dim, dtype), std::slice::from_ref(prompt), logits.addr())?;
+            self.decode(
+                emb.addr(0, n * dim, dtype),
+                std::slice::from_ref(prompt),
+                logits.addr(),
+            )?;
         } else {
             let t = tokens.len() / dim;
             let key = DecoderKey {

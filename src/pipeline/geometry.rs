@@ -249,8 +249,19 @@ pub fn roi_from_logits(
 pub type Prediction<'a> = dyn FnMut([usize; 3], [usize; 3]) -> Result<Option<BBox>> + 'a;
 
 /// [`Prediction`] over cropped-grid logits held on the host.
-pub fn host_prediction(global_logits: &[f32], cropped_dims: [usize; 3]) -> impl FnMut([usize; 3], [usize; 3]) -> Result<Option<BBox>> + '_ {
-    move |start, extent| Ok(volume::bbox_above(global_logits, cropped_dims, start, extent, 0.0))
+pub fn host_prediction(
+    global_logits: &[f32],
+    cropped_dims: [usize; 3],
+) -> impl FnMut([usize; 3], [usize; 3]) -> Result<Option<BBox>> + '_ {
+    move |start, extent| {
+        Ok(volume::bbox_above(
+            global_logits,
+            cropped_dims,
+            start,
+            extent,
+            0.0,
+        ))
+    }
 }
 
 /// One window of the sliding-window scan.
@@ -371,7 +382,12 @@ impl SlidingWindows {
     /// window coordinates; `None` (fed as `[-1; 6]`) when the window holds no positive voxel.
     /// `prediction(start, extent)` is the bbox of `L_global > 0` in that box of the cropped
     /// grid, relative to `start` (a device's `bbox_above`, or [`host_prediction`]).
-    pub fn box_from_prediction(&self, i: usize, roi: &Roi, prediction: &mut Prediction<'_>) -> Result<Option<BBox>> {
+    pub fn box_from_prediction(
+        &self,
+        i: usize,
+        roi: &Roi,
+        prediction: &mut Prediction<'_>,
+    ) -> Result<Option<BBox>> {
         let r = self.roi_range(i);
         if r.iter().any(|x| x[0] >= x[1]) {
             return Ok(None);

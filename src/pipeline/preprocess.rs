@@ -69,7 +69,11 @@ pub struct NormStats {
 ///
 /// # Safety
 /// `volume` must hold `dims` f32 values in a live buffer of `b`.
-pub unsafe fn normalize_on_device(b: &dyn Backend, volume: Addr, dims: [usize; 3]) -> Result<NormStats> {
+pub unsafe fn normalize_on_device(
+    b: &dyn Backend,
+    volume: Addr,
+    dims: [usize; 3],
+) -> Result<NormStats> {
     let n: usize = dims.iter().product();
     let stats = unsafe { b.foreground_stats(volume, dims)? };
     let args = ClipZscoreArgs {
@@ -83,9 +87,19 @@ pub unsafe fn normalize_on_device(b: &dyn Backend, volume: Addr, dims: [usize; 3
     };
     let (zmin, zmax) = unsafe { b.clip_zscore(&args)? };
     let range = zmax - zmin;
-    let args = ShiftScaleArgs { x: volume, out: volume, n, sub: zmin, div: floor_eps(range) };
+    let args = ShiftScaleArgs {
+        x: volume,
+        out: volume,
+        n,
+        sub: zmin,
+        div: floor_eps(range),
+    };
     unsafe { b.shift_scale(&args)? };
-    Ok(NormStats { stats, zscore_min: zmin, minmax_range: range })
+    Ok(NormStats {
+        stats,
+        zscore_min: zmin,
+        minmax_range: range,
+    })
 }
 
 /// Spec §6.3: MONAI `CropForeground` box of `normalized > 0` (margin 0), as `(start, end)` with
@@ -94,7 +108,11 @@ pub unsafe fn normalize_on_device(b: &dyn Backend, volume: Addr, dims: [usize; 3
 ///
 /// # Safety
 /// As for [`normalize_on_device`].
-pub unsafe fn foreground_box_on_device(b: &dyn Backend, volume: Addr, dims: [usize; 3]) -> Result<([usize; 3], [usize; 3])> {
+pub unsafe fn foreground_box_on_device(
+    b: &dyn Backend,
+    volume: Addr,
+    dims: [usize; 3],
+) -> Result<([usize; 3], [usize; 3])> {
     let bb = unsafe { b.bbox_above(volume, dims, [0; 3], dims, 0.0)? }.ok_or_else(|| {
         Error::Input("no foreground: every voxel is at the minimum after normalisation".into())
     })?;
@@ -106,7 +124,14 @@ pub unsafe fn foreground_box_on_device(b: &dyn Backend, volume: Addr, dims: [usi
 ///
 /// # Safety
 /// `src` must hold `dims` f32 values and `dst` the box's.
-pub unsafe fn crop_on_device(b: &dyn Backend, src: Addr, dims: [usize; 3], start: [usize; 3], end: [usize; 3], dst: Addr) -> Result<()> {
+pub unsafe fn crop_on_device(
+    b: &dyn Backend,
+    src: Addr,
+    dims: [usize; 3],
+    start: [usize; 3],
+    end: [usize; 3],
+    dst: Addr,
+) -> Result<()> {
     if (0..3).any(|a| start[a] >= end[a] || end[a] > dims[a]) {
         return Err(Error::Input(format!(
             "crop box {start:?}..{end:?} is empty or outside the volume {dims:?}"
@@ -133,7 +158,14 @@ pub unsafe fn crop_on_device(b: &dyn Backend, src: Addr, dims: [usize; 3], start
 ///
 /// # Safety
 /// `src` and `dst` must hold `src_dims` and `dst_dims` f32 values.
-pub unsafe fn resize_on_device(b: &dyn Backend, src: Addr, src_dims: [usize; 3], dst: Addr, dst_dims: [usize; 3], mode: InterpMode) -> Result<()> {
+pub unsafe fn resize_on_device(
+    b: &dyn Backend,
+    src: Addr,
+    src_dims: [usize; 3],
+    dst: Addr,
+    dst_dims: [usize; 3],
+    mode: InterpMode,
+) -> Result<()> {
     let args = Interp3dArgs {
         x: src,
         x_dtype: DType::F32,
@@ -255,15 +287,28 @@ pub fn resize_nearest(
 ) -> Result<Vec<f32>> {
     check_dims("resize source", src.len(), src_dims)?;
     if dst_dims.contains(&0) {
-        return Err(Error::Input(format!("resize to an empty size {dst_dims:?}")));
+        return Err(Error::Input(format!(
+            "resize to an empty size {dst_dims:?}"
+        )));
     }
     if mode == InterpMode::Trilinear {
-        return Err(Error::Internal("resize_nearest called with trilinear mode".into()));
+        return Err(Error::Internal(
+            "resize_nearest called with trilinear mode".into(),
+        ));
     }
     let n: usize = dst_dims.iter().product();
     let (s, d) = (HostBuf::new(src)?, HostBuf::zeros(n)?);
     // SAFETY: both buffers are sized for their dims.
-    unsafe { resize_on_device(&CpuBackend::new(), s.buf.addr(), src_dims, d.buf.addr(), dst_dims, mode)? };
+    unsafe {
+        resize_on_device(
+            &CpuBackend::new(),
+            s.buf.addr(),
+            src_dims,
+            d.buf.addr(),
+            dst_dims,
+            mode,
+        )?
+    };
     d.to_vec(n)
 }
 

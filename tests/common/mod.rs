@@ -91,6 +91,9 @@ pub fn devices() -> Vec<DeviceUnderTest> {
 pub fn assert_close(got: &HostTensor, want: &HostTensor, tol: f32, what: &str) {
     assert_eq!(got.shape, want.shape, "{what}: shape");
     let err = got.rel_err(want);
+    if std::env::var_os("SEGVOL_VERBOSE").is_some() {
+        eprintln!("{what}: rel err {err:.2e}");
+    }
     assert!(
         err < tol,
         "{what}: max|diff|/max|ref| = {err:.3e} >= {tol:.0e}"

@@ -55,7 +55,8 @@ fn validate(a: &GemmArgs) -> Result<()> {
         check_addr::<f32>(OP, "bias", bias, n)?;
     }
     if let Some(r) = a.residual {
-        if r.ld < n && m > 1 {
+        // ld 0 broadcasts one residual row over every row (the text similarity, spec §4.5).
+        if r.ld != 0 && r.ld < n && m > 1 {
             return Err(bad_args(OP, format!("residual ld {} < n {n}", r.ld)));
         }
         let alias = r.addr == a.c && r.ld == a.ldc && r.batch_stride == a.batch_stride_c;

@@ -406,6 +406,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    unsafe fn fill(&self, dst: Addr, n: usize, value: f32) -> Result<()> {
+        check_addr::<f32>("fill", "dst", dst, n)?;
+        // SAFETY: the caller guarantees n f32s at dst.
+        unsafe { slice_mut(dst, n) }.fill(value);
+        Ok(())
+    }
+
     unsafe fn threshold_u8(&self, x: Addr, out: Addr, n: usize, threshold: f32) -> Result<()> {
         let op = "threshold_u8";
         check_addr::<f32>(op, "x", x, n)?;

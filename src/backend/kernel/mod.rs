@@ -1,11 +1,23 @@
 //! The launch code shared by every device that runs the hand-written kernels of `kernels/`:
 //! the host emulator ([`super::emu::EmuDevice`]) and CUDA ([`super::cuda::CudaDevice`]).
 //! A [`KernelDevice`] knows how to allocate, copy, launch a kernel by name and run a GEMM;
-//! [`KernelBackend`] turns each op of [`super::Backend`] into launches, once for both devices.
+//! [`KernelBackend`] turns each op of [`super::Backend`] into launches, once for both devices;
+//! one module per kernel family ([`attention`], [`elementwise`], [`norm`], [`conv`], [`interp`],
+//! [`volume`]) holds the launch code of the matching `kernels/*.cu` file.
 
+pub mod attention;
+pub mod conv;
+pub mod elementwise;
 pub mod embedded;
+pub mod interp;
+pub mod norm;
+pub mod volume;
 
-use super::{Addr, Buffer, GemmArgs};
+use super::{
+    AccumulateArgs, ActArgs, AddArgs, Addr, AttentionArgs, BBox, Backend, Buffer, ClipZscoreArgs,
+    ConvT3dArgs, CopyBoxArgs, EmbedArgs, ForegroundStats, GemmArgs, Interp3dArgs, LayerNormArgs,
+    LayerNormJointArgs, PatchGatherArgs, ShiftScaleArgs,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use std::ffi::c_void;
@@ -81,6 +93,10 @@ pub trait KernelDevice: Send + Sync {
     unsafe fn download(&self, src: Addr, dst: &mut [u8]) -> Result<()>;
     /// Waits for queued work.
     fn synchronize(&self) -> Result<()>;
+    /// Whether device addresses are host addresses (the emulator).
+    fn host_addressable(&self) -> bool {
+        false
+    }
     /// Launches `kernel` (its `extern "C"` name) like `cuLaunchKernel`.
     ///
     /// # Safety
@@ -121,4 +137,117 @@ pub trait DeviceGraph: Send {
     /// # Safety
     /// Every buffer the recorded work reads or writes must still be alive.
     unsafe fn launch(&self) -> Result<()>;
+}
+
+/// The op set on a [`KernelDevice`]: custom ops as launches of the `kernels/` kernels, GEMMs
+/// through the device's GEMM (cuBLASLt on CUDA, the host GEMM on the emulator), with weights and
+/// activations stored as `dtype`.
+pub struct KernelBackend<D: KernelDevice> {
+    dev: D,
+    dtype: DType,
+}
+
+impl<D: KernelDevice> KernelBackend<D> {
+    /// A backend storing weights and activations as `dtype` (f32, f16 or bf16).
+    pub fn new(dev: D, dtype: DType) -> Result<Self> {
+        if !dtype.is_float() {
+            return Err(Error::Usage(format!(
+                "precision {dtype} is not a float type"
+            )));
+        }
+        Ok(KernelBackend { dev, dtype })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+}
+
+impl<D: KernelDevice> Backend for KernelBackend<D> {
+    fn name(&self) -> String {
+        self.dev.name()
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn host_addressable(&self) -> bool {
+        self.dev.host_addressable()
+    }
+    fn alloc(&self, bytes: usize) -> Result<Buffer> {
+        self.dev.alloc(bytes)
+    }
+    unsafe fn upload(&self, dst: Addr, src: &[u8]) -> Result<()> {
+        unsafe { self.dev.upload(dst, src) }
+    }
+    unsafe fn download(&self, src: Addr, dst: &mut [u8]) -> Result<()> {
+        unsafe { self.dev.download(src, dst) }
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+    unsafe fn gemm(&self, a: &GemmArgs) -> Result<()> {
+        unsafe { self.dev.gemm(a, self.dtype) }
+    }
+    unsafe fn attention(&self, a: &AttentionArgs) -> Result<()> {
+        unsafe { attention::attention(&self.dev, self.dtype, a) }
+    }
+    unsafe fn layer_norm(&self, a: &LayerNormArgs) -> Result<()> {
+        unsafe { norm::layer_norm(&self.dev, self.dtype, a) }
+    }
+    unsafe fn layer_norm_joint(&self, a: &LayerNormJointArgs) -> Result<()> {
+        unsafe { norm::layer_norm_joint(&self.dev, self.dtype, a) }
+    }
+    unsafe fn conv_transpose3d_k2s2(&self, a: &ConvT3dArgs) -> Result<()> {
+        unsafe { conv::conv_transpose3d_k2s2(&self.dev, self.dtype, a) }
+    }
+    unsafe fn interp3d(&self, a: &Interp3dArgs) -> Result<()> {
+        unsafe { interp::interp3d(&self.dev, self.dtype, a) }
+    }
+    unsafe fn patch_gather3d(&self, a: &PatchGatherArgs) -> Result<()> {
+        unsafe { elementwise::patch_gather3d(&self.dev, self.dtype, a) }
+    }
+    unsafe fn add(&self, a: &AddArgs) -> Result<()> {
+        unsafe { elementwise::add(&self.dev, self.dtype, a) }
+    }
+    unsafe fn activation(&self, a: &ActArgs) -> Result<()> {
+        unsafe { elementwise::activation(&self.dev, self.dtype, a) }
+    }
+    unsafe fn embed_gather(&self, a: &EmbedArgs) -> Result<()> {
+        unsafe { elementwise::embed_gather(&self.dev, self.dtype, a) }
+    }
+    unsafe fn foreground_stats(&self, x: Addr, dims: [usize; 3]) -> Result<ForegroundStats> {
+        unsafe { volume::foreground_stats(&self.dev, x, dims) }
+    }
+    unsafe fn clip_zscore(&self, a: &ClipZscoreArgs) -> Result<(f32, f32)> {
+        unsafe { volume::clip_zscore(&self.dev, a) }
+    }
+    unsafe fn shift_scale(&self, a: &ShiftScaleArgs) -> Result<()> {
+        unsafe { volume::shift_scale(&self.dev, a) }
+    }
+    unsafe fn bbox_above(
+        &self,
+        x: Addr,
+        dims: [usize; 3],
+        start: [usize; 3],
+        extent: [usize; 3],
+        threshold: f32,
+    ) -> Result<Option<BBox>> {
+        unsafe { volume::bbox_above(&self.dev, x, dims, start, extent, threshold) }
+    }
+    unsafe fn copy_box(&self, a: &CopyBoxArgs) -> Result<()> {
+        unsafe { volume::copy_box(&self.dev, a) }
+    }
+    unsafe fn accumulate_window(&self, a: &AccumulateArgs) -> Result<()> {
+        unsafe { volume::accumulate_window(&self.dev, a) }
+    }
+    unsafe fn divide_counts(&self, acc: Addr, cnt: Addr, out: Addr, n: usize) -> Result<()> {
+        unsafe { volume::divide_counts(&self.dev, acc, cnt, out, n) }
+    }
+    unsafe fn fill(&self, dst: Addr, n: usize, value: f32) -> Result<()> {
+        unsafe { volume::fill(&self.dev, dst, n, value) }
+    }
+    unsafe fn threshold_u8(&self, x: Addr, out: Addr, n: usize, threshold: f32) -> Result<()> {
+        unsafe { volume::threshold_u8(&self.dev, x, out, n, threshold) }
+    }
 }

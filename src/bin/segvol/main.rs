@@ -1,9 +1,7 @@
 //! `segvol`: SegVol from the command line. Every subcommand reports bad input as one line on
 //! stderr and exit status 2, an engine failure as exit status 1 (DESIGN.md, "Errors").
 
-mod bench;
 mod plan;
-mod segment;
 
 use clap::{Args, Parser, Subcommand};
 use segvol::backend::Backend;
@@ -15,7 +13,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "segvol", version, about = "SegVol: universal 3-D CT segmentation from text, box and point prompts")]
+#[command(
+    name = "segvol",
+    version,
+    about = "SegVol: universal 3-D CT segmentation from text, box and point prompts"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -23,14 +25,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Segment CT volumes (NIfTI) with the official zoom-out-zoom-in pipeline.
-    Segment(segment::SegmentArgs),
     /// One model call on one window tensor (safetensors in, safetensors out).
     Window(WindowArgs),
     /// Print the memory plan of a model call, or of a whole volume with --shape.
     Plan(plan::PlanArgs),
-    /// Time model calls and their stages; report TFLOP/s against the counted floor.
-    Bench(bench::BenchArgs),
     /// Summarise and validate a checkpoint (a model directory or a weights file).
     Inspect(InspectArgs),
     /// Write a model directory with deterministic segvol-random-v1 weights.
@@ -116,10 +114,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.cmd {
-        Command::Segment(a) => segment::run(a),
         Command::Window(a) => window(a),
         Command::Plan(a) => plan::run(a),
-        Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect(a),
         Command::GenWeights(a) => gen_weights(a),
     };
@@ -151,7 +147,10 @@ fn window(a: WindowArgs) -> Result<()> {
         )));
     }
     if let Some(i) = input.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Input(format!("{}: tensor `input` has a non-finite value at index {i}", a.input.display())));
+        return Err(Error::Input(format!(
+            "{}: tensor `input` has a non-finite value at index {i}",
+            a.input.display()
+        )));
     }
     let prompt = segvol::io::prompt::read_window_prompt(&a.prompt, cfg.spatial_size)?;
     let out = model.call(&input.data, &prompt, a.stages)?;
@@ -189,7 +188,12 @@ pub fn config_by_name(name: &str) -> Result<ModelConfig> {
 fn gen_weights(a: GenWeightsArgs) -> Result<()> {
     let cfg = config_by_name(&a.config)?;
     let t0 = std::time::Instant::now();
-    segvol::weights::write_model_dir(&a.out, &cfg, a.seed, segvol::tokenizer::EMBEDDED_TOKENIZER_JSON)?;
+    segvol::weights::write_model_dir(
+        &a.out,
+        &cfg,
+        a.seed,
+        segvol::tokenizer::EMBEDDED_TOKENIZER_JSON,
+    )?;
     eprintln!(
         "wrote {} (segvol-random-v1, seed {}) in {:.1} s",
         a.out.display(),

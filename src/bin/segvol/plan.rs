@@ -37,7 +37,11 @@ pub struct PlanArgs {
 pub fn run(a: PlanArgs) -> Result<()> {
     let cfg = match &a.model {
         Some(dir) => {
-            let cfg_path = if dir.is_dir() { dir.join("config.json") } else { dir.clone() };
+            let cfg_path = if dir.is_dir() {
+                dir.join("config.json")
+            } else {
+                dir.clone()
+            };
             if cfg_path.is_file() {
                 segvol::ModelConfig::from_file(&cfg_path)?
             } else {
@@ -46,7 +50,14 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
         None => config_by_name(&a.config)?,
     };
-    let dtype = a.device.precision()?.unwrap_or(if a.device.device == "cpu" { DType::F32 } else { DType::BF16 });
+    let dtype = a
+        .device
+        .precision()?
+        .unwrap_or(if a.device.device == "cpu" {
+            DType::F32
+        } else {
+            DType::BF16
+        });
     let limit = match &a.mem_limit {
         Some(s) => Some(parse_size(s)?),
         None => None,
@@ -84,7 +95,12 @@ fn parse_shape(s: &str) -> Result<[usize; 3]> {
     }
     let mut out = [0; 3];
     for (o, p) in out.iter_mut().zip(parts) {
-        *o = p.trim().parse().ok().filter(|&v: &usize| v > 0).ok_or_else(bad)?;
+        *o = p
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&v: &usize| v > 0)
+            .ok_or_else(bad)?;
     }
     Ok(out)
 }
@@ -92,7 +108,11 @@ fn parse_shape(s: &str) -> Result<[usize; 3]> {
 fn print_call(plan: &segvol::model::CallPlan, batch: usize, dtype: DType, verbose: bool) {
     println!("model call, batch {batch}, {dtype} storage (a box + text prompt: 3 sparse tokens, 16 text tokens)");
     for (p, pl) in &plan.programs {
-        let acts = p.tensors.iter().filter(|t| t.kind == TensorKind::Activation).count();
+        let acts = p
+            .tensors
+            .iter()
+            .filter(|t| t.kind == TensorKind::Activation)
+            .count();
         println!(
             "  {:<40} {:>4} ops {:>4} activations  arena {:>10}  (without reuse {})  {:.1} GFLOP",
             p.name,
@@ -103,12 +123,17 @@ fn print_call(plan: &segvol::model::CallPlan, batch: usize, dtype: DType, verbos
             p.flops() / 1e9
         );
         if verbose {
-            println!("    {:<44} {:>22} {:>6} {:>10} {:>12} {:>11}", "activation", "shape", "dtype", "bytes", "offset", "steps");
+            println!(
+                "    {:<44} {:>22} {:>6} {:>10} {:>12} {:>11}",
+                "activation", "shape", "dtype", "bytes", "offset", "steps"
+            );
             for (i, t) in p.tensors.iter().enumerate() {
                 if t.kind != TensorKind::Activation {
                     continue;
                 }
-                let (Some(off), Some((f, l))) = (pl.offsets[i], pl.lifetimes[i]) else { continue };
+                let (Some(off), Some((f, l))) = (pl.offsets[i], pl.lifetimes[i]) else {
+                    continue;
+                };
                 println!(
                     "    {:<44} {:>22} {:>6} {:>10} {:>12} {:>5}..{:<5}",
                     t.name,
@@ -134,7 +159,10 @@ fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>) {
         "volume {}x{}x{} (model frame {}x{}x{}), {} storage, worst case: crop and ROI = whole volume",
         xyz[0], xyz[1], xyz[2], plan.dims[0], plan.dims[1], plan.dims[2], plan.dtype
     );
-    println!("  {:<36} {:>12} {:>14}  stages", "volume buffer", "bytes", "offset");
+    println!(
+        "  {:<36} {:>12} {:>14}  stages",
+        "volume buffer", "bytes", "offset"
+    );
     for b in &plan.buffers {
         println!(
             "  {:<36} {:>12} {:>14}  {} .. {}",
@@ -145,13 +173,32 @@ fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>) {
             STAGES[b.last]
         );
     }
-    println!("  volume region (packed)               {:>12}", human(plan.volume_bytes));
-    println!("  weights region                       {:>12}", human(plan.call.weight_bytes));
-    println!("  model arena (batch {:>2})               {:>12}", plan.batch, human(plan.call.arena_bytes));
-    println!("  call buffers                         {:>12}", human(plan.call.io_bytes));
-    println!("  total                                {:>12}", human(plan.total_bytes()));
+    println!(
+        "  volume region (packed)               {:>12}",
+        human(plan.volume_bytes)
+    );
+    println!(
+        "  weights region                       {:>12}",
+        human(plan.call.weight_bytes)
+    );
+    println!(
+        "  model arena (batch {:>2})               {:>12}",
+        plan.batch,
+        human(plan.call.arena_bytes)
+    );
+    println!(
+        "  call buffers                         {:>12}",
+        human(plan.call.io_bytes)
+    );
+    println!(
+        "  total                                {:>12}",
+        human(plan.total_bytes())
+    );
     match limit {
         Some(l) => println!("  budget {} -> window batch {}", human(l), plan.batch),
-        None => println!("  no budget given (--mem-limit): window batch {}", plan.batch),
+        None => println!(
+            "  no budget given (--mem-limit): window batch {}",
+            plan.batch
+        ),
     }
 }
