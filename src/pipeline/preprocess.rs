@@ -411,15 +411,16 @@ mod tests {
 
     #[test]
     fn crop_rejects_bad_boxes() {
-        let v = vec![0.5f32; 24];
-        assert!(crop_volume(&v, [2, 3, 4], [0, 0, 0], [2, 3, 5]).is_err());
-        assert!(crop_volume(&v, [2, 3, 4], [1, 0, 0], [1, 3, 4]).is_err());
-        assert_eq!(
-            crop_volume(&v, [2, 3, 4], [1, 1, 1], [2, 3, 3])
-                .unwrap()
-                .len(),
-            4
-        );
-        assert!(foreground_crop_box(&[0.0; 24], [2, 3, 4]).is_err());
+        let cpu = CpuBackend::new();
+        let v = HostBuf::new(&[0.5f32; 24]).unwrap();
+        let out = HostBuf::zeros(24).unwrap();
+        let crop =
+            |s, e| unsafe { crop_on_device(&cpu, v.buf.addr(), [2, 3, 4], s, e, out.buf.addr()) };
+        assert!(crop([0, 0, 0], [2, 3, 5]).is_err());
+        assert!(crop([1, 0, 0], [1, 3, 4]).is_err());
+        crop([1, 1, 1], [2, 3, 3]).unwrap();
+        assert_eq!(out.to_vec(4).unwrap(), [0.5; 4]);
+        let zeros = HostBuf::zeros(24).unwrap();
+        assert!(unsafe { foreground_box_on_device(&cpu, zeros.buf.addr(), [2, 3, 4]) }.is_err());
     }
 }

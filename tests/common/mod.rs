@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture paths, the devices under test, tolerances.
 #![allow(dead_code)]
 
+pub mod parity;
+
 use segvol::backend::Backend;
 use segvol::dtype::DType;
 use segvol::tensor::HostTensor;

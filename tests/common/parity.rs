@@ -24,25 +24,36 @@ impl OpDevice {
     /// The parity tolerance (relative to the largest reference value): 1e-5 in f32, 2e-2 in
     /// reduced precision (issue "kernels", Must show).
     pub fn tol(&self) -> f32 {
-        if self.dtype() == DType::F32 { 1e-5 } else { 2e-2 }
+        if self.dtype() == DType::F32 {
+            1e-5
+        } else {
+            2e-2
+        }
     }
 }
 
 /// The kernel devices to check against the CPU. `SEGVOL_TEST_DEVICES` entries that name `cpu`
 /// are skipped here (the CPU is the reference).
 pub fn op_devices() -> Vec<OpDevice> {
-    let list = std::env::var("SEGVOL_TEST_DEVICES").unwrap_or_else(|_| "emu:f32,emu:f16,emu:bf16".into());
+    let list =
+        std::env::var("SEGVOL_TEST_DEVICES").unwrap_or_else(|_| "emu:f32,emu:f16,emu:bf16".into());
     let mut out = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (spec, prec) = match item.rsplit_once(':') {
-            Some((a, b)) if DType::parse_precision(b).is_some() => (a, DType::parse_precision(b).unwrap()),
+            Some((a, b)) if DType::parse_precision(b).is_some() => {
+                (a, DType::parse_precision(b).unwrap())
+            }
             _ => (item, DType::BF16),
         };
         if spec == "cpu" {
             continue;
         }
-        let backend = segvol::backend::open(spec, Some(prec)).unwrap_or_else(|e| panic!("{item}: {e}"));
-        out.push(OpDevice { label: format!("{spec}:{prec}"), backend });
+        let backend =
+            segvol::backend::open(spec, Some(prec)).unwrap_or_else(|e| panic!("{item}: {e}"));
+        out.push(OpDevice {
+            label: format!("{spec}:{prec}"),
+            backend,
+        });
     }
     out
 }
@@ -51,10 +62,23 @@ pub fn op_devices() -> Vec<OpDevice> {
 /// schedule-identity check: a race-free kernel gives bit-identical output under all of them.
 pub fn emu_schedules(dtype: DType) -> Vec<OpDevice> {
     let mut out = Vec::new();
-    for (schedule, workers) in [(Schedule::Forward, 1), (Schedule::Reverse, 1), (Schedule::Random, 1), (Schedule::Random, 2)] {
-        let opts = EmuOptions { schedule, seed: next_seed(), workers, poison: true };
+    for (schedule, workers) in [
+        (Schedule::Forward, 1),
+        (Schedule::Reverse, 1),
+        (Schedule::Random, 1),
+        (Schedule::Random, 2),
+    ] {
+        let opts = EmuOptions {
+            schedule,
+            seed: next_seed(),
+            workers,
+            poison: true,
+        };
         let backend = Arc::new(KernelBackend::new(EmuDevice::with_options(opts), dtype).unwrap());
-        out.push(OpDevice { label: format!("emu:{dtype}:{schedule:?}x{workers}"), backend });
+        out.push(OpDevice {
+            label: format!("emu:{dtype}:{schedule:?}x{workers}"),
+            backend,
+        });
     }
     out
 }
@@ -70,7 +94,10 @@ static SEED: AtomicU64 = AtomicU64::new(0);
 /// the callers through their labels.
 pub fn next_seed() -> u64 {
     if SEED.load(Ordering::Relaxed) == 0 {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
         let _ = SEED.compare_exchange(0, t | 1, Ordering::Relaxed, Ordering::Relaxed);
     }
     SEED.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
@@ -113,7 +140,11 @@ pub fn upload(b: &dyn Backend, values: &[f32], dtype: DType) -> DevBuf {
     let bytes = encode_f32(values, dtype);
     let buf = b.alloc(bytes.len().max(1)).unwrap();
     unsafe { b.upload(buf.addr(), &bytes).unwrap() };
-    DevBuf { buf, n: values.len(), dtype }
+    DevBuf {
+        buf,
+        n: values.len(),
+        dtype,
+    }
 }
 
 /// Uploads raw bytes (ids, masks).
@@ -143,7 +174,10 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     if let Some(i) = got.iter().position(|v| !v.is_finite()) {
         panic!("{what}: element {i} is {} (unwritten or overflow)", got[i]);
     }
-    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let max_ref = want
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
     let (mut worst, mut at) = (0f32, 0);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let d = (g - w).abs();

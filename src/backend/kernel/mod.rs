@@ -139,12 +139,33 @@ pub trait DeviceGraph: Send {
     unsafe fn launch(&self) -> Result<()>;
 }
 
+/// A device buffer for the partial results of multi-stage kernels (reductions, statistics),
+/// kept by the backend and grown on demand, so steady-state launches allocate nothing. Launches
+/// run in order on one stream, so consecutive ops may reuse it.
+#[derive(Default)]
+pub struct Scratch {
+    buf: parking_lot::Mutex<Option<Buffer>>,
+}
+
+impl Scratch {
+    /// The address of at least `bytes` of scratch memory (valid until the next larger request).
+    pub fn get(&self, dev: &dyn KernelDevice, bytes: usize) -> Result<Addr> {
+        let mut b = self.buf.lock();
+        if b.as_ref().is_none_or(|x| x.len() < bytes) {
+            *b = None;
+            *b = Some(dev.alloc(bytes.max(4096).next_power_of_two())?);
+        }
+        Ok(b.as_ref().unwrap().addr())
+    }
+}
+
 /// The op set on a [`KernelDevice`]: custom ops as launches of the `kernels/` kernels, GEMMs
 /// through the device's GEMM (cuBLASLt on CUDA, the host GEMM on the emulator), with weights and
 /// activations stored as `dtype`.
 pub struct KernelBackend<D: KernelDevice> {
     dev: D,
     dtype: DType,
+    scratch: Scratch,
 }
 
 impl<D: KernelDevice> KernelBackend<D> {
@@ -155,7 +176,11 @@ impl<D: KernelDevice> KernelBackend<D> {
                 "precision {dtype} is not a float type"
             )));
         }
-        Ok(KernelBackend { dev, dtype })
+        Ok(KernelBackend {
+            dev,
+            dtype,
+            scratch: Scratch::default(),
+        })
     }
 
     /// The device.
@@ -196,7 +221,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         unsafe { norm::layer_norm(&self.dev, self.dtype, a) }
     }
     unsafe fn layer_norm_joint(&self, a: &LayerNormJointArgs) -> Result<()> {
-        unsafe { norm::layer_norm_joint(&self.dev, self.dtype, a) }
+        unsafe { norm::layer_norm_joint(&self.dev, self.dtype, a, &self.scratch) }
     }
     unsafe fn conv_transpose3d_k2s2(&self, a: &ConvT3dArgs) -> Result<()> {
         unsafe { conv::conv_transpose3d_k2s2(&self.dev, self.dtype, a) }
@@ -217,10 +242,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         unsafe { elementwise::embed_gather(&self.dev, self.dtype, a) }
     }
     unsafe fn foreground_stats(&self, x: Addr, dims: [usize; 3]) -> Result<ForegroundStats> {
-        unsafe { volume::foreground_stats(&self.dev, x, dims) }
+        unsafe { volume::foreground_stats(&self.dev, &self.scratch, x, dims) }
     }
     unsafe fn clip_zscore(&self, a: &ClipZscoreArgs) -> Result<(f32, f32)> {
-        unsafe { volume::clip_zscore(&self.dev, a) }
+        unsafe { volume::clip_zscore(&self.dev, &self.scratch, a) }
     }
     unsafe fn shift_scale(&self, a: &ShiftScaleArgs) -> Result<()> {
         unsafe { volume::shift_scale(&self.dev, a) }
@@ -233,7 +258,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         extent: [usize; 3],
         threshold: f32,
     ) -> Result<Option<BBox>> {
-        unsafe { volume::bbox_above(&self.dev, x, dims, start, extent, threshold) }
+        unsafe { volume::bbox_above(&self.dev, &self.scratch, x, dims, start, extent, threshold) }
     }
     unsafe fn copy_box(&self, a: &CopyBoxArgs) -> Result<()> {
         unsafe { volume::copy_box(&self.dev, a) }
