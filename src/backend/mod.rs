@@ -480,7 +480,8 @@ pub trait Backend: Send + Sync {
     /// # Safety
     /// See the trait documentation.
     unsafe fn accumulate_window(&self, a: &AccumulateArgs) -> Result<()>;
-    /// `out[i] = acc[i] / cnt[i]` where `cnt[i] > 0`, else `acc[i]` (f32).
+    /// `out[i] = acc[i] / cnt[i]` where `cnt[i] > 0`, else `acc[i]` (f32). `out` may equal
+    /// `acc`.
     ///
     /// # Safety
     /// See the trait documentation.

@@ -757,6 +757,16 @@ impl Volume {
 pub fn read_volume(path: &Path) -> Result<Volume> {
     let t0 = Instant::now();
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_volume(raw, path, t0)
+}
+
+/// [`read_volume`] on the bytes of a `.nii` or `.nii.gz` file already in memory (an embedded
+/// example); `name` stands for the file in messages.
+pub fn read_volume_bytes(raw: Vec<u8>, name: &Path) -> Result<Volume> {
+    parse_volume(raw, name, Instant::now())
+}
+
+fn parse_volume(raw: Vec<u8>, path: &Path, t0: Instant) -> Result<Volume> {
     let gz = raw.starts_with(&[0x1f, 0x8b]);
     let bytes = if gz { gunzip(path, &raw)? } else { raw };
     let header = Header::parse(&bytes, path)?;

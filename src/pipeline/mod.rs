@@ -1,8 +1,608 @@
-//! The official zoom-out-zoom-in pipeline on one volume (spec §6): intensity preprocessing and
-//! foreground crop ([`preprocess`]), then the zoom-out call, the ROI, the sliding windows with
-//! their box prompts, constant blending and back-fill ([`geometry`]); the memory plan of a
-//! whole volume ([`plan`]).
+//! The official zoom-out-zoom-in pipeline on one volume (spec §6), top to bottom:
+//!
+//! 1. upload the CT and normalise it in place (§6.2), crop it to its foreground (§6.3);
+//! 2. resize the crop to one window with nearest-exact and encode it once (§6.4);
+//! 3. per prompt: map the user's prompt into the zoom-out frame (§6.5), decode (§6.6), bring the
+//!    logits back to the cropped grid with legacy nearest (§6.6), take the ROI (§6.7), run the
+//!    sliding windows over it in batches with the official window prompts and average them
+//!    (§6.8), overwrite the ROI (§6.8 step 8), threshold (§6.9).
+//!
+//! Every step is a call on the model's [`Backend`], on buffers of one region laid out by the
+//! volume's memory [`plan`] before the first launch. The pure geometry lives in [`geometry`],
+//! the device preprocessing steps in [`preprocess`].
+//!
+//! Departures from the official code (all documented in the README):
+//! - box and points may be combined (the official code asserts they are not);
+//! - in the zoom-in, point prompts are the user's points that fall inside the window plus the
+//!   window box, chosen deterministically (the official code re-samples points at random);
+//! - a box thinner than one zoom-out voxel keeps its centre voxel instead of vanishing
+//!   ([`geometry::box_zoom_out_dhw`]).
 
 pub mod geometry;
 pub mod plan;
 pub mod preprocess;
+
+use crate::backend::{AccumulateArgs, Addr, BBox, Backend, CopyBoxArgs, InterpMode};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::{SegVol, WindowPrompt};
+use geometry::{Roi, SlidingWindows};
+use plan::{Buf, VolumePlan};
+use preprocess::NormStats;
+use std::time::Instant;
+
+/// Overlap of the sliding windows (HF `forward_test` hard-codes 0.5; spec §6.8 step 9).
+pub const OVERLAP: f64 = 0.5;
+
+/// A prompt in the file's voxel indices `(i, j, k)` (corners inclusive). Any combination of
+/// text, box and points; at least one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UserPrompt {
+    pub text: Option<String>,
+    pub bbox: Option<[usize; 6]>,
+    pub points: Vec<[usize; 3]>,
+    /// One per point: true positive, false negative.
+    pub positive: Vec<bool>,
+}
+
+impl UserPrompt {
+    /// A short description for messages and reports.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(t) = &self.text {
+            parts.push(format!("text {t:?}"));
+        }
+        if let Some(b) = self.bbox {
+            parts.push(format!("box {b:?}"));
+        }
+        if !self.points.is_empty() {
+            parts.push(format!("{} point(s)", self.points.len()));
+        }
+        parts.join(" + ")
+    }
+}
+
+/// How to run.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Windows per model call (the largest batch up to this that fits `mem_limit`).
+    pub batch: usize,
+    /// Run the zoom-in; `false` stops after the zoom-out (`--no-zoom-in`).
+    pub zoom_in: bool,
+    /// Device memory budget for the whole run, in bytes.
+    pub mem_limit: Option<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            batch: 1,
+            zoom_in: true,
+            mem_limit: None,
+        }
+    }
+}
+
+/// What the zoom-in did with one window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WindowRecord {
+    /// `[start, stop)` per axis in the padded ROI.
+    pub padded_range: [[usize; 2]; 3],
+    /// The box prompt sent with it (window coordinates), if the prompt uses boxes.
+    pub bbox: Option<[f32; 6]>,
+    /// Points sent with it (window coordinates) and their labels.
+    pub points: usize,
+}
+
+/// The outcome of one prompt on one volume.
+pub struct PromptOutcome {
+    pub prompt: UserPrompt,
+    /// Final logits on the cropped grid `(d0, h0, w0)` (spec §6.9).
+    pub logits: Vec<f32>,
+    /// `logits > 0` (= sigmoid > 0.5) on the cropped grid.
+    pub mask: Vec<u8>,
+    /// Positive voxels.
+    pub voxels: usize,
+    /// The prompt in the zoom-out frame.
+    pub zoom_out_box: Option<BBox>,
+    pub zoom_out_points: Vec<[usize; 3]>,
+    /// The zoom-out logits (one window), kept for inspection and tests.
+    pub zoom_out_logits: Vec<f32>,
+    /// The ROI, or `None` when the zoom-out found nothing ("Fail to detect foreground").
+    pub roi: Option<Roi>,
+    /// The sliding windows, in execution order (empty without zoom-in).
+    pub windows: Vec<WindowRecord>,
+    pub pad_before: [usize; 3],
+    pub zoom_out_seconds: f64,
+    pub zoom_in_seconds: f64,
+}
+
+/// The outcome of a whole volume.
+pub struct VolumeOutcome {
+    /// Model-frame dims (D, H, W) = file (Z, Y, X).
+    pub dims: [usize; 3],
+    /// The model's window (D, H, W): the shape of the zoom-out logits.
+    pub window: [usize; 3],
+    pub norm: NormStats,
+    /// Foreground crop `[start, end)` in (D, H, W).
+    pub crop_start: [usize; 3],
+    pub crop_end: [usize; 3],
+    pub cropped_dims: [usize; 3],
+    /// Windows per model call actually used (after fitting the memory budget).
+    pub batch: usize,
+    pub prompts: Vec<PromptOutcome>,
+    pub preprocess_seconds: f64,
+    /// Encoding the zoom-out window (shared by all prompts).
+    pub zoom_out_encode_seconds: f64,
+}
+
+impl VolumeOutcome {
+    /// Prompt `p`'s binary mask on the original grid, file order (spec §6.9): the cropped mask
+    /// placed at the crop, 0 elsewhere.
+    pub fn mask(&self, p: usize) -> Vec<u8> {
+        self.place(|i| self.prompts[p].mask[i])
+    }
+
+    /// A label map: label n (1-based) for the n-th prompt's mask; where masks overlap, the
+    /// prompt with the larger logit wins.
+    pub fn label_map(&self) -> Vec<u8> {
+        self.place(|i| {
+            let mut best: Option<(usize, f32)> = None;
+            for (n, p) in self.prompts.iter().enumerate() {
+                if p.mask[i] != 0 && best.is_none_or(|(_, l)| p.logits[i] > l) {
+                    best = Some((n, p.logits[i]));
+                }
+            }
+            best.map_or(0, |(n, _)| (n + 1).min(255) as u8)
+        })
+    }
+
+    fn place(&self, value: impl Fn(usize) -> u8) -> Vec<u8> {
+        let [_, hh, ww] = self.dims;
+        let [cd, ch, cw] = self.cropped_dims;
+        let mut out = vec![0u8; self.dims.iter().product()];
+        for d in 0..cd {
+            for h in 0..ch {
+                let src = (d * ch + h) * cw;
+                let dst = ((d + self.crop_start[0]) * hh + h + self.crop_start[1]) * ww
+                    + self.crop_start[2];
+                for w in 0..cw {
+                    out[dst + w] = value(src + w);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Progress of the zoom-in: `(windows done, windows in total)`.
+pub type Progress<'a> = dyn FnMut(usize, usize) + 'a;
+
+/// Segments one CT volume with every prompt (spec §6). `volume` is the file's voxel buffer in
+/// file order, which is the model frame `(D, H, W) = (Z, Y, X)` row-major (spec §6.1); `dims`
+/// is `(D, H, W)`.
+pub fn segment(
+    model: &SegVol,
+    volume: &[f32],
+    dims: [usize; 3],
+    prompts: &[UserPrompt],
+    opts: &Options,
+    progress: &mut Progress<'_>,
+) -> Result<VolumeOutcome> {
+    let b = model.backend().as_ref();
+    let cfg = model.config();
+    let window = cfg.spatial_size;
+    if volume.len() != dims.iter().product::<usize>() || dims.contains(&0) {
+        return Err(Error::Input(format!(
+            "a volume of {} voxels does not match dims {dims:?}",
+            volume.len()
+        )));
+    }
+    if prompts.is_empty() {
+        return Err(Error::Prompt(
+            "no prompt: give --text, --box or --point".into(),
+        ));
+    }
+    for p in prompts {
+        check_prompt(p, dims)?;
+    }
+
+    // Every buffer of the run, known before the first launch, in one allocation.
+    let plan = VolumePlan::fit(cfg, b.dtype(), dims, opts.batch, opts.mem_limit)?;
+    model.reserve_arena(plan.call.arena_bytes)?;
+    let region = b.alloc(plan.volume_bytes)?;
+    let at = |x: Buf| region.at(plan.offset(x));
+
+    let t0 = Instant::now();
+    // SAFETY (all device calls below): every address is a buffer of `region` laid out by the
+    // plan for a volume of these dims, whose sizes bound every extent used.
+    let (norm, crop_start, crop_end) = unsafe {
+        b.upload(at(Buf::Volume), bytemuck::cast_slice(volume))?;
+        let norm = preprocess::normalize_on_device(b, at(Buf::Volume), dims)?;
+        let (s, e) = preprocess::foreground_box_on_device(b, at(Buf::Volume), dims)?;
+        preprocess::crop_on_device(b, at(Buf::Volume), dims, s, e, at(Buf::Cropped))?;
+        (norm, s, e)
+    };
+    let cropped_dims = [0, 1, 2].map(|a| crop_end[a] - crop_start[a]);
+    b.synchronize()?;
+    let preprocess_seconds = t0.elapsed().as_secs_f64();
+
+    // §6.4: the zoom-out window, encoded once for every prompt.
+    let t0 = Instant::now();
+    unsafe {
+        preprocess::resize_on_device(
+            b,
+            at(Buf::Cropped),
+            cropped_dims,
+            at(Buf::WindowBatch),
+            window,
+            InterpMode::NearestExact,
+        )?;
+    }
+    model.encode_into(at(Buf::WindowBatch), 1, at(Buf::ZoomOutEmbedding))?;
+    b.synchronize()?;
+    let zoom_out_encode_seconds = t0.elapsed().as_secs_f64();
+
+    let ctx = Ctx {
+        model,
+        b,
+        plan: &plan,
+        region_at: &at,
+        cropped_dims,
+        crop_start,
+    };
+    let mut outcomes = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        outcomes.push(ctx.segment_prompt(p, opts, progress)?);
+    }
+    Ok(VolumeOutcome {
+        dims,
+        window,
+        norm,
+        crop_start,
+        crop_end,
+        cropped_dims,
+        batch: plan.batch,
+        prompts: outcomes,
+        preprocess_seconds,
+        zoom_out_encode_seconds,
+    })
+}
+
+/// A prompt must lie inside the volume; boxes are `[i0,j0,k0,i1,j1,k1]` with min <= max.
+fn check_prompt(p: &UserPrompt, dims: [usize; 3]) -> Result<()> {
+    let xyz = [dims[2], dims[1], dims[0]];
+    if p.text.is_none() && p.bbox.is_none() && p.points.is_empty() {
+        return Err(Error::Prompt(
+            "an empty prompt: give a text, a box or points".into(),
+        ));
+    }
+    if p.points.len() != p.positive.len() {
+        return Err(Error::Prompt(format!(
+            "{} points but {} labels",
+            p.points.len(),
+            p.positive.len()
+        )));
+    }
+    if let Some(bx) = p.bbox {
+        for a in 0..3 {
+            if bx[a] > bx[a + 3] {
+                return Err(Error::Prompt(format!(
+                    "box {bx:?}: min exceeds max on axis {a}"
+                )));
+            }
+            if bx[a + 3] >= xyz[a] {
+                return Err(Error::Prompt(format!(
+                    "box {bx:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
+                    xyz[0], xyz[1], xyz[2]
+                )));
+            }
+        }
+    }
+    for q in &p.points {
+        if (0..3).any(|a| q[a] >= xyz[a]) {
+            return Err(Error::Prompt(format!(
+                "point {q:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
+                xyz[0], xyz[1], xyz[2]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What every prompt of a volume shares.
+struct Ctx<'a> {
+    model: &'a SegVol,
+    b: &'a dyn Backend,
+    plan: &'a VolumePlan,
+    region_at: &'a dyn Fn(Buf) -> Addr,
+    cropped_dims: [usize; 3],
+    crop_start: [usize; 3],
+}
+
+impl Ctx<'_> {
+    fn at(&self, x: Buf) -> Addr {
+        (self.region_at)(x)
+    }
+
+    /// File `(i, j, k)` to the cropped grid's `(d, h, w)` (spec §6.1 swap, minus the crop).
+    fn to_cropped(&self, ijk: [usize; 3]) -> Option<[usize; 3]> {
+        let dhw = [ijk[2], ijk[1], ijk[0]];
+        let c: Vec<usize> = (0..3)
+            .map(|a| {
+                dhw[a]
+                    .checked_sub(self.crop_start[a])
+                    .filter(|&v| v < self.cropped_dims[a])
+            })
+            .collect::<Option<_>>()?;
+        Some([c[0], c[1], c[2]])
+    }
+
+    /// §6.5: the user's box and points in the zoom-out frame.
+    fn map_prompt(&self, p: &UserPrompt) -> Result<(Option<BBox>, Vec<[usize; 3]>)> {
+        let window = self.model.config().spatial_size;
+        let zbox = match p.bbox {
+            None => None,
+            Some(bx) => {
+                // The box in the cropped grid, clipped to the foreground crop.
+                let lo = [bx[2], bx[1], bx[0]];
+                let hi = [bx[5], bx[4], bx[3]];
+                let mut c = [0usize; 6];
+                for a in 0..3 {
+                    let (s, n) = (self.crop_start[a], self.cropped_dims[a]);
+                    if hi[a] < s || lo[a] >= s + n {
+                        return Err(Error::Prompt(format!(
+                            "box {bx:?} lies outside the volume's foreground (the crop of spec §6.3)"
+                        )));
+                    }
+                    c[a] = lo[a].max(s) - s;
+                    c[a + 3] = hi[a].min(s + n - 1) - s;
+                }
+                Some(geometry::box_zoom_out_dhw(c, self.cropped_dims, window)?)
+            }
+        };
+        let mut pts = Vec::with_capacity(p.points.len());
+        for q in &p.points {
+            let c = self.to_cropped(*q).ok_or_else(|| {
+                Error::Prompt(format!(
+                    "point {q:?} lies outside the volume's foreground (the crop of spec §6.3)"
+                ))
+            })?;
+            pts.push(geometry::point_zoom_out_dhw(c, self.cropped_dims, window)?);
+        }
+        Ok((zbox, pts))
+    }
+
+    fn segment_prompt(
+        &self,
+        p: &UserPrompt,
+        opts: &Options,
+        progress: &mut Progress<'_>,
+    ) -> Result<PromptOutcome> {
+        let (b, model) = (self.b, self.model);
+        let cfg = model.config();
+        let window = cfg.spatial_size;
+        let win_n: usize = window.iter().product();
+        let cd = self.cropped_dims;
+        let n_cropped: usize = cd.iter().product();
+
+        // §6.5–§6.6: the zoom-out call and its logits back on the cropped grid.
+        let t0 = Instant::now();
+        let (zoom_box, zoom_points) = self.map_prompt(p)?;
+        let labels: Vec<f32> = p
+            .positive
+            .iter()
+            .map(|&v| if v { 1.0 } else { 0.0 })
+            .collect();
+        let zp = WindowPrompt {
+            text: p.text.clone(),
+            bbox: zoom_box.map(|bx| bx.map(|v| v as f32)),
+            points: zoom_points.iter().map(|q| q.map(|v| v as f32)).collect(),
+            labels: labels.clone(),
+        };
+        model.decode(
+            self.at(Buf::ZoomOutEmbedding),
+            std::slice::from_ref(&zp),
+            self.at(Buf::WindowLogits),
+        )?;
+        let mut zoom_out_logits = vec![0f32; win_n];
+        unsafe {
+            b.download(
+                self.at(Buf::WindowLogits),
+                bytemuck::cast_slice_mut(&mut zoom_out_logits),
+            )?;
+            preprocess::resize_on_device(
+                b,
+                self.at(Buf::WindowLogits),
+                window,
+                self.at(Buf::Global),
+                cd,
+                InterpMode::Nearest,
+            )?;
+        }
+        // §6.7: the ROI from `L_global > 0`.
+        let pred = unsafe { b.bbox_above(self.at(Buf::Global), cd, [0; 3], cd, 0.0)? };
+        let roi = geometry::roi_bounds(pred, cd, window);
+        b.synchronize()?;
+        let zoom_out_seconds = t0.elapsed().as_secs_f64();
+
+        let t0 = Instant::now();
+        let mut windows = Vec::new();
+        let mut pad_before = [0; 3];
+        if let (Some(roi), true) = (roi, opts.zoom_in) {
+            let sw = SlidingWindows::new(roi.shape, window, OVERLAP)?;
+            pad_before = sw.pad_before;
+            windows = self.zoom_in(p, &roi, &sw, zoom_box, &labels, progress)?;
+        }
+        b.synchronize()?;
+        let zoom_in_seconds = t0.elapsed().as_secs_f64();
+
+        // §6.9: the mask, logit > 0 (= sigmoid > 0.5).
+        let mut logits = vec![0f32; n_cropped];
+        let mut mask = vec![0u8; n_cropped];
+        unsafe {
+            b.threshold_u8(self.at(Buf::Global), self.at(Buf::Mask), n_cropped, 0.0)?;
+            b.download(self.at(Buf::Global), bytemuck::cast_slice_mut(&mut logits))?;
+            b.download(self.at(Buf::Mask), &mut mask)?;
+        }
+        let voxels = mask.iter().filter(|&&m| m != 0).count();
+        Ok(PromptOutcome {
+            prompt: p.clone(),
+            logits,
+            mask,
+            voxels,
+            zoom_out_box: zoom_box,
+            zoom_out_points: zoom_points,
+            zoom_out_logits,
+            roi,
+            windows,
+            pad_before,
+            zoom_out_seconds,
+            zoom_in_seconds,
+        })
+    }
+
+    /// §6.8: the sliding windows over the ROI (batched), constant blending, back-fill.
+    fn zoom_in(
+        &self,
+        p: &UserPrompt,
+        roi: &Roi,
+        sw: &SlidingWindows,
+        zoom_box: Option<BBox>,
+        labels: &[f32],
+        progress: &mut Progress<'_>,
+    ) -> Result<Vec<WindowRecord>> {
+        let (b, model) = (self.b, self.model);
+        let window = model.config().spatial_size;
+        let win_n: usize = window.iter().product();
+        let cd = self.cropped_dims;
+        let padded_n: usize = sw.padded.iter().product();
+        let use_box = p.bbox.is_some() || !p.points.is_empty();
+        // The user's points on the cropped grid (they were checked to lie in the crop).
+        let user_points: Vec<[usize; 3]> = p
+            .points
+            .iter()
+            .filter_map(|q| self.to_cropped(*q))
+            .collect();
+        let mut prediction = |start: [usize; 3], extent: [usize; 3]| -> Result<Option<BBox>> {
+            // SAFETY: `Global` holds the cropped grid; the window box lies inside it.
+            unsafe { b.bbox_above(self.at(Buf::Global), cd, start, extent, 0.0) }
+        };
+        unsafe {
+            preprocess::crop_on_device(
+                b,
+                self.at(Buf::Cropped),
+                cd,
+                roi.start,
+                roi.end(),
+                self.at(Buf::Roi),
+            )?;
+            b.fill(self.at(Buf::Accumulator), padded_n, 0.0)?;
+            b.fill(self.at(Buf::Counts), padded_n, 0.0)?;
+        }
+        let mut records = Vec::with_capacity(sw.len());
+        let total = sw.len();
+        for chunk in (0..total).collect::<Vec<_>>().chunks(self.plan.batch) {
+            let mut prompts = Vec::with_capacity(chunk.len());
+            for (slot, &i) in chunk.iter().enumerate() {
+                let start = sw.windows[i].start;
+                // Window i of the zero-padded ROI into the batch (spec §6.8 steps 1 and 6).
+                let args = CopyBoxArgs {
+                    src: self.at(Buf::Roi),
+                    src_dims: roi.shape,
+                    src_start: [0, 1, 2].map(|a| start[a] as i64 - sw.pad_before[a] as i64),
+                    dst: self.at(Buf::WindowBatch) + (slot * win_n * 4) as u64,
+                    dst_dtype: DType::F32,
+                    dst_dims: window,
+                    dst_start: [0; 3],
+                    extent: window,
+                    pad: 0.0,
+                };
+                unsafe { b.copy_box(&args)? };
+                // The window's prompts (spec §6.8 step 5).
+                let bbox = if use_box {
+                    let single = if p.bbox.is_some() {
+                        zoom_box.map(|z| (z, window))
+                    } else {
+                        None
+                    };
+                    Some(geometry::box_prompt(sw.window_box(
+                        i,
+                        roi,
+                        cd,
+                        single,
+                        &mut prediction,
+                    )?))
+                } else {
+                    None
+                };
+                let mut points = Vec::new();
+                let mut point_labels = Vec::new();
+                for (q, &l) in user_points.iter().zip(labels) {
+                    let w: Vec<i64> = (0..3)
+                        .map(|a| {
+                            q[a] as i64 - roi.start[a] as i64 + sw.pad_before[a] as i64
+                                - start[a] as i64
+                        })
+                        .collect();
+                    if (0..3).all(|a| w[a] >= 0 && (w[a] as usize) < window[a]) {
+                        points.push([w[0] as f32, w[1] as f32, w[2] as f32]);
+                        point_labels.push(l);
+                    }
+                }
+                records.push(WindowRecord {
+                    padded_range: sw.padded_range(i),
+                    bbox,
+                    points: points.len(),
+                });
+                prompts.push(WindowPrompt {
+                    text: p.text.clone(),
+                    bbox,
+                    points,
+                    labels: point_labels,
+                });
+            }
+            let n = chunk.len();
+            model.encode_into(self.at(Buf::WindowBatch), n, self.at(Buf::WindowEmbeddings))?;
+            model.decode(
+                self.at(Buf::WindowEmbeddings),
+                &prompts,
+                self.at(Buf::WindowLogits),
+            )?;
+            for (slot, &i) in chunk.iter().enumerate() {
+                let args = AccumulateArgs {
+                    win: self.at(Buf::WindowLogits) + (slot * win_n * 4) as u64,
+                    window,
+                    acc: self.at(Buf::Accumulator),
+                    cnt: self.at(Buf::Counts),
+                    dims: sw.padded,
+                    start: sw.windows[i].start,
+                };
+                unsafe { b.accumulate_window(&args)? };
+            }
+            progress(records.len(), total);
+        }
+        // Constant blending (step 7), then the ROI overwrites L_global (step 8).
+        unsafe {
+            b.divide_counts(
+                self.at(Buf::Accumulator),
+                self.at(Buf::Counts),
+                self.at(Buf::Accumulator),
+                padded_n,
+            )?;
+            let args = CopyBoxArgs {
+                src: self.at(Buf::Accumulator),
+                src_dims: sw.padded,
+                src_start: sw.pad_before.map(|v| v as i64),
+                dst: self.at(Buf::Global),
+                dst_dtype: DType::F32,
+                dst_dims: cd,
+                dst_start: roi.start,
+                extent: roi.shape,
+                pad: 0.0,
+            };
+            b.copy_box(&args)?;
+        }
+        Ok(records)
+    }
+}

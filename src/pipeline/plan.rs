@@ -20,6 +20,66 @@ pub const STAGES: [&str; 6] = [
     "back-fill+threshold",
 ];
 
+/// The volume buffers of a run, in the order of [`VolumePlan::buffers`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Buf {
+    /// The uploaded CT, normalised in place.
+    Volume,
+    /// The foreground crop `I_c`.
+    Cropped,
+    /// `L_global`: the zoom-out logits on the cropped grid, then the final logits.
+    Global,
+    /// The zoom-out window's image tokens, reused by every prompt.
+    ZoomOutEmbedding,
+    /// The ROI of the cropped volume (zoom-in input).
+    Roi,
+    /// Model input windows `(B, 1, D, H, W)` f32.
+    WindowBatch,
+    /// Model output logits `(B, 1, D, H, W)` f32.
+    WindowLogits,
+    /// Image tokens of the window batch.
+    WindowEmbeddings,
+    /// Sliding-window sums over the padded ROI.
+    Accumulator,
+    /// Sliding-window counts over the padded ROI.
+    Counts,
+    /// The u8 mask on the cropped grid.
+    Mask,
+}
+
+impl Buf {
+    pub const ALL: [Buf; 11] = [
+        Buf::Volume,
+        Buf::Cropped,
+        Buf::Global,
+        Buf::ZoomOutEmbedding,
+        Buf::Roi,
+        Buf::WindowBatch,
+        Buf::WindowLogits,
+        Buf::WindowEmbeddings,
+        Buf::Accumulator,
+        Buf::Counts,
+        Buf::Mask,
+    ];
+
+    /// What the plan table calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Buf::Volume => "volume (raw, normalised in place)",
+            Buf::Cropped => "cropped volume",
+            Buf::Global => "global logits (cropped grid)",
+            Buf::ZoomOutEmbedding => "zoom-out image embedding",
+            Buf::Roi => "ROI volume",
+            Buf::WindowBatch => "window batch",
+            Buf::WindowLogits => "window logits",
+            Buf::WindowEmbeddings => "window image embeddings",
+            Buf::Accumulator => "sliding-window accumulator",
+            Buf::Counts => "sliding-window counts",
+            Buf::Mask => "mask (u8)",
+        }
+    }
+}
+
 /// One volume buffer.
 #[derive(Clone, Debug)]
 pub struct VolumeBuffer {
@@ -60,18 +120,23 @@ impl VolumePlan {
         let padded: usize = (0..3).map(|a| dims[a].max(cfg.spatial_size[a])).product();
         let emb = cfg.num_tokens() * cfg.decoder.dim * dtype.size();
         let f = 4;
-        let specs: [(&'static str, usize, usize, usize); 10] = [
-            ("volume (raw, normalised in place)", n * f, 0, 1),
-            ("cropped volume", n * f, 1, 3),
-            ("global logits (cropped grid)", n * f, 2, 5),
-            ("zoom-out image embedding", emb, 2, 5),
-            ("ROI volume", n * f, 3, 4),
-            ("window batch", batch * win * f, 2, 4),
-            ("window logits", batch * win * f, 2, 4),
-            ("sliding-window accumulator", padded * f, 4, 5),
-            ("sliding-window counts", padded * f, 4, 5),
-            ("mask (u8)", n, 5, 5),
-        ];
+        let specs = Buf::ALL.map(|b| {
+            let (bytes, first, last) = match b {
+                Buf::Volume => (n * f, 0, 1),
+                // Every prompt's zoom-in reads it (stages 2..5 repeat per prompt).
+                Buf::Cropped => (n * f, 1, 5),
+                Buf::Global => (n * f, 2, 5),
+                Buf::ZoomOutEmbedding => (emb, 2, 5),
+                Buf::Roi => (n * f, 3, 4),
+                Buf::WindowBatch => (batch * win * f, 2, 4),
+                Buf::WindowLogits => (batch * win * f, 2, 4),
+                Buf::WindowEmbeddings => (batch * emb, 3, 4),
+                Buf::Accumulator => (padded * f, 4, 5),
+                Buf::Counts => (padded * f, 4, 5),
+                Buf::Mask => (n, 5, 5),
+            };
+            (b.name(), bytes, first, last)
+        });
         let (offsets, volume_bytes) =
             pack(&specs.iter().map(|s| (s.1, s.2, s.3)).collect::<Vec<_>>());
         let buffers = specs
@@ -129,9 +194,15 @@ impl VolumePlan {
         Ok(best)
     }
 
-    /// Everything on the device: weights, arena, call buffers, volume region.
+    /// Offset of a buffer in the volume region.
+    pub fn offset(&self, b: Buf) -> usize {
+        self.buffers[b as usize].offset
+    }
+
+    /// Everything on the device: weights, the model's arena, the volume region (which holds
+    /// the window inputs, outputs and embeddings the model reads and writes).
     pub fn total_bytes(&self) -> usize {
-        self.call.total_bytes() + self.volume_bytes
+        self.call.weight_bytes + self.call.arena_bytes + self.volume_bytes
     }
 }
 
@@ -185,18 +256,19 @@ mod tests {
         let n = 1000 * 512 * 512; // 262,144,000 voxels
         let f32_vol = 4 * n; // 1,048,576,000 bytes = 1000 MiB
         assert_eq!(f32_vol, 1_048_576_000);
-        // Peak stage is the zoom-in: cropped volume (until the ROI is cut), global logits,
+        // Peak stage is the zoom-in: cropped volume (kept for the next prompt), global logits,
         // ROI, accumulator, counts (the padded ROI equals the volume here: every axis is at
         // least the window), window batch and logits (4 x 32x256x256 x 4 B = 32 MiB each),
-        // and the zoom-out embedding (2048 x 768 x 2 B = 3 MiB).
+        // the zoom-out embedding and the batch's 4 (2048 x 768 x 2 B = 3 MiB each).
         let win_batch = 4 * 32 * 256 * 256 * 4;
         let emb = 2048 * 768 * 2;
-        let stage4 = 4 * f32_vol + 2 * win_batch + emb; // global, ROI, acc, counts + batches + emb
-        let stage3 = 3 * f32_vol + 2 * win_batch + emb; // cropped, global, ROI
-                                                        // Lifetime packing reaches the peak exactly: 4000 MiB + 64 MiB + 3 MiB.
+        // cropped, global, ROI, accumulator, counts + window batch, logits and embeddings
+        let stage4 = 5 * f32_vol + 2 * win_batch + 5 * emb;
+        let stage3 = 3 * f32_vol + 2 * win_batch + 5 * emb; // cropped, global, ROI
+                                                            // Lifetime packing reaches the peak exactly: 5000 MiB + 64 MiB + 15 MiB.
         assert!(stage4 > stage3);
         assert_eq!(p.volume_bytes, stage4);
-        assert_eq!(p.volume_bytes, 4_264_558_592);
+        assert_eq!(p.volume_bytes, 5_325_717_504);
         let sum: usize = p.buffers.iter().map(|b| b.bytes.div_ceil(256) * 256).sum();
         assert!(p.volume_bytes < sum);
         // Weights: 182,178,176 bf16 values (see model::tests).

@@ -397,8 +397,17 @@ impl Backend for CpuBackend {
         check_addr::<f32>(op, "acc", acc, n)?;
         check_addr::<f32>(op, "cnt", cnt, n)?;
         check_addr::<f32>(op, "out", out, n)?;
-        if overlaps(out, n * 4, acc, n * 4) || overlaps(out, n * 4, cnt, n * 4) {
-            return Err(bad_args(op, "out overlaps acc or cnt"));
+        if overlaps(out, n * 4, cnt, n * 4) {
+            return Err(bad_args(op, "out overlaps cnt"));
+        }
+        if out == acc {
+            // SAFETY: caller guarantees the ranges; acc and cnt do not overlap (checked).
+            let (a, c) = unsafe { (slice_mut(acc, n), slice(cnt, n)) };
+            volume::divide_counts_in_place(a, c);
+            return Ok(());
+        }
+        if overlaps(out, n * 4, acc, n * 4) {
+            return Err(bad_args(op, "out partially overlaps acc"));
         }
         // SAFETY: caller guarantees the ranges; out overlaps neither input (checked).
         let (a, c, o) = unsafe { (slice(acc, n), slice(cnt, n), slice_mut(out, n)) };

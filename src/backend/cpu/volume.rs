@@ -737,6 +737,20 @@ pub fn divide_counts(acc: &[f32], cnt: &[f32], out: &mut [f32]) {
         });
 }
 
+/// [`divide_counts`] in place: `acc[i] /= cnt[i]` where `cnt[i] > 0`.
+pub fn divide_counts_in_place(acc: &mut [f32], cnt: &[f32]) {
+    assert_eq!(acc.len(), cnt.len(), "divide_counts: lengths differ");
+    acc.par_chunks_mut(PAR_CHUNK)
+        .zip(cnt.par_chunks(PAR_CHUNK))
+        .for_each(|(a, c)| {
+            for (a, &c) in a.iter_mut().zip(c) {
+                if c > 0.0 {
+                    *a /= c;
+                }
+            }
+        });
+}
+
 /// `out[i] = (x[i] > threshold) as u8` (the final mask, spec §6.9).
 pub fn threshold_u8(x: &[f32], out: &mut [u8], threshold: f32) {
     assert_eq!(x.len(), out.len(), "threshold_u8: lengths differ");

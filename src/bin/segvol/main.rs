@@ -2,6 +2,7 @@
 //! stderr and exit status 2, an engine failure as exit status 1 (DESIGN.md, "Errors").
 
 mod plan;
+mod segment;
 
 use clap::{Args, Parser, Subcommand};
 use segvol::backend::Backend;
@@ -25,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Segment CT volumes (NIfTI) with the official zoom-out-zoom-in pipeline.
+    Segment(segment::SegmentArgs),
     /// One model call on one window tensor (safetensors in, safetensors out).
     Window(WindowArgs),
     /// Print the memory plan of a model call, or of a whole volume with --shape.
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.cmd {
+        Command::Segment(a) => segment::run(a),
         Command::Window(a) => window(a),
         Command::Plan(a) => plan::run(a),
         Command::Inspect(a) => inspect(a),

@@ -1,0 +1,576 @@
+//! `segvol segment`: CT volumes in, masks in the original geometry out, through the official
+//! zoom-out-zoom-in pipeline (spec §6). Prompts in file voxel indices (i,j,k), or in world
+//! millimetres with `--mm`.
+
+use crate::DeviceArgs;
+use clap::Args;
+use segvol::error::{Error, Result};
+use segvol::io::nifti::{self, Volume};
+use segvol::model::SegVol;
+use segvol::pipeline::{self, plan::parse_size, Options, UserPrompt, VolumeOutcome};
+use serde_json::json;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The demo CT (TotalSegmentator test data, Apache-2.0; see assets/NOTICE.md).
+const DEMO_CT: &[u8] = include_bytes!("../../../tests/fixtures/data/example_ct_sm.nii.gz");
+/// Seed of the demo's generated full-size weights.
+const DEMO_SEED: u64 = 0;
+
+#[derive(Args)]
+pub struct SegmentArgs {
+    /// CT volumes (.nii, .nii.gz) or directories of them.
+    inputs: Vec<PathBuf>,
+    /// Model directory (Hugging Face layout) or weights file.
+    #[arg(long, required_unless_present = "demo")]
+    model: Option<PathBuf>,
+    /// Output mask (.nii.gz or .nii) for a single input.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Output directory: one mask per input (and per text with several --text).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Category name, e.g. "liver" (repeatable: several give a label map, or one file each with
+    /// --out-dir).
+    #[arg(long)]
+    text: Vec<String>,
+    /// Box i0,j0,k0,i1,j1,k1 (corners inclusive), file voxel indices (or mm with --mm).
+    #[arg(long, value_name = "I0,J0,K0,I1,J1,K1")]
+    r#box: Option<String>,
+    /// Positive point i,j,k (repeatable).
+    #[arg(long, value_name = "I,J,K")]
+    point: Vec<String>,
+    /// Negative point i,j,k (repeatable).
+    #[arg(long, value_name = "I,J,K")]
+    negative_point: Vec<String>,
+    /// Box and point coordinates are world millimetres (through the sform, else the qform).
+    #[arg(long)]
+    mm: bool,
+    /// Stop after the zoom-out (no sliding windows).
+    #[arg(long)]
+    no_zoom_in: bool,
+    /// Windows per model call (the largest up to this that fits the memory budget).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Memory budget for the device (e.g. 40G).
+    #[arg(long)]
+    mem_limit: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Write a JSON report (voxels, millilitres, ROI, windows, stage times).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write the final logits on the cropped grid (safetensors: `final_logits`,
+    /// `zoom_out_logits`, one pair per prompt) for inspection.
+    #[arg(long)]
+    save_logits: Option<PathBuf>,
+    /// Run the bundled example: a small CT, generated full-size random weights, "liver".
+    #[arg(long)]
+    demo: bool,
+}
+
+/// Per-input output: a single path, or a directory.
+enum Output {
+    File(PathBuf),
+    Dir(PathBuf),
+}
+
+pub fn run(a: SegmentArgs) -> Result<()> {
+    if a.demo {
+        return demo(a);
+    }
+    let model_dir = a
+        .model
+        .clone()
+        .expect("clap requires --model without --demo");
+    let inputs = expand_inputs(&a.inputs)?;
+    let output = match (&a.out, &a.out_dir) {
+        (Some(_), Some(_)) => return Err(Error::Usage("give --out or --out-dir, not both".into())),
+        (Some(f), None) if inputs.len() == 1 => Output::File(f.clone()),
+        (Some(_), None) => {
+            return Err(Error::Usage(format!(
+                "{} inputs: use --out-dir",
+                inputs.len()
+            )))
+        }
+        (None, Some(d)) => Output::Dir(d.clone()),
+        (None, None) => return Err(Error::Usage("give --out (one input) or --out-dir".into())),
+    };
+    if let Output::File(f) = &output {
+        check_nifti_name(f)?;
+    }
+    if !model_dir.exists() {
+        return Err(Error::io(
+            &model_dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+        ));
+    }
+    let opts = options(&a)?;
+    // Check every prompt argument before the model loads.
+    parse_prompt_args(&a)?;
+    let t_load = Instant::now();
+    let model = crate::load_model(&model_dir, &a.device)?;
+    eprintln!(
+        "segvol: model loaded on {} ({}) in {:.1} s",
+        model.backend().name(),
+        model.backend().dtype(),
+        t_load.elapsed().as_secs_f64()
+    );
+    let mut reports = Vec::new();
+    for input in &inputs {
+        reports.push(segment_file(&model, input, &output, &a, &opts)?);
+    }
+    write_report(a.json.as_deref(), &reports)
+}
+
+fn options(a: &SegmentArgs) -> Result<Options> {
+    Ok(Options {
+        batch: a.batch.max(1),
+        zoom_in: !a.no_zoom_in,
+        mem_limit: a.mem_limit.as_deref().map(parse_size).transpose()?,
+    })
+}
+
+fn check_nifti_name(p: &Path) -> Result<()> {
+    let name = p.to_string_lossy();
+    if name.ends_with(".nii.gz") || name.ends_with(".nii") {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "{}: the output must end in .nii.gz or .nii",
+            p.display()
+        )))
+    }
+}
+
+/// Files as given; a directory contributes its `.nii` / `.nii.gz` files, sorted.
+fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if inputs.is_empty() {
+        return Err(Error::Usage("no input volume given".into()));
+    }
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| Error::io(p, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    let n = f.to_string_lossy();
+                    f.is_file() && (n.ends_with(".nii") || n.ends_with(".nii.gz"))
+                })
+                .collect();
+            if found.is_empty() {
+                return Err(Error::Input(format!(
+                    "{}: no .nii or .nii.gz file in this directory",
+                    p.display()
+                )));
+            }
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Raw prompt arguments, before coordinates are resolved against a volume.
+struct PromptArgs {
+    texts: Vec<String>,
+    bbox: Option<[f64; 6]>,
+    points: Vec<([f64; 3], bool)>,
+}
+
+fn numbers<const N: usize>(s: &str, flag: &str) -> Result<[f64; N]> {
+    let vals: Vec<f64> = s
+        .split(',')
+        .map(|v| v.trim().parse::<f64>().ok().filter(|f| f.is_finite()))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            Error::Prompt(format!("{flag} {s}: expected {N} comma-separated numbers"))
+        })?;
+    vals.try_into()
+        .map_err(|_| Error::Prompt(format!("{flag} {s}: expected {N} comma-separated numbers")))
+}
+
+fn parse_prompt_args(a: &SegmentArgs) -> Result<PromptArgs> {
+    for t in &a.text {
+        if t.trim().is_empty() {
+            return Err(Error::Prompt("--text is empty".into()));
+        }
+    }
+    let bbox = a
+        .r#box
+        .as_deref()
+        .map(|s| numbers::<6>(s, "--box"))
+        .transpose()?;
+    let mut points = Vec::new();
+    for p in &a.point {
+        points.push((numbers::<3>(p, "--point")?, true));
+    }
+    for p in &a.negative_point {
+        points.push((numbers::<3>(p, "--negative-point")?, false));
+    }
+    if a.text.is_empty() && bbox.is_none() && points.is_empty() {
+        return Err(Error::Prompt(
+            "no prompt: give --text, --box or --point".into(),
+        ));
+    }
+    if !a.mm {
+        let integral = |v: &[f64]| v.iter().all(|x| x.fract() == 0.0 && *x >= 0.0);
+        if bbox.is_some_and(|b| !integral(&b)) || points.iter().any(|(p, _)| !integral(p)) {
+            return Err(Error::Prompt(
+                "voxel coordinates must be non-negative integers (use --mm for millimetres)".into(),
+            ));
+        }
+    }
+    Ok(PromptArgs {
+        texts: a.text.clone(),
+        bbox,
+        points,
+    })
+}
+
+/// Resolves the prompt arguments against a volume: voxel indices as given, or millimetres
+/// through the affine (nearest voxel).
+fn resolve_prompts(a: &SegmentArgs, vol: &Volume) -> Result<Vec<UserPrompt>> {
+    let args = parse_prompt_args(a)?;
+    let to_voxel = |p: [f64; 3]| -> Result<[usize; 3]> {
+        if a.mm {
+            vol.nearest_voxel_from_world(p)
+        } else {
+            let v = p.map(|x| x as usize);
+            if (0..3).any(|i| v[i] >= vol.dims[i]) {
+                return Err(Error::Prompt(format!(
+                    "{}: voxel {v:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
+                    vol.path.display(),
+                    vol.dims[0],
+                    vol.dims[1],
+                    vol.dims[2]
+                )));
+            }
+            Ok(v)
+        }
+    };
+    let bbox = match args.bbox {
+        None => None,
+        Some(b) => {
+            let c0 = to_voxel([b[0], b[1], b[2]])?;
+            let c1 = to_voxel([b[3], b[4], b[5]])?;
+            // Millimetre corners may swap order through a flipped axis (LAS).
+            Some([
+                c0[0].min(c1[0]),
+                c0[1].min(c1[1]),
+                c0[2].min(c1[2]),
+                c0[0].max(c1[0]),
+                c0[1].max(c1[1]),
+                c0[2].max(c1[2]),
+            ])
+        }
+    };
+    let mut points = Vec::new();
+    let mut positive = Vec::new();
+    for (p, pos) in &args.points {
+        points.push(to_voxel(*p)?);
+        positive.push(*pos);
+    }
+    let base = UserPrompt {
+        text: None,
+        bbox,
+        points,
+        positive,
+    };
+    if args.texts.is_empty() {
+        return Ok(vec![base]);
+    }
+    Ok(args
+        .texts
+        .iter()
+        .map(|t| UserPrompt {
+            text: Some(t.clone()),
+            ..base.clone()
+        })
+        .collect())
+}
+
+/// A terminal progress line on stderr, only when stderr is a terminal.
+fn progress_line(label: String) -> impl FnMut(usize, usize) {
+    let tty = std::io::stderr().is_terminal();
+    move |done, total| {
+        if tty {
+            let width = 30;
+            let filled = done * width / total.max(1);
+            eprint!(
+                "\r{label}: zoom-in [{}{}] {done}/{total} windows",
+                "=".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            if done == total {
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+fn stem(p: &Path) -> String {
+    let n = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    n.trim_end_matches(".gz")
+        .trim_end_matches(".nii")
+        .to_string()
+}
+
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn segment_file(
+    model: &SegVol,
+    input: &Path,
+    output: &Output,
+    a: &SegmentArgs,
+    opts: &Options,
+) -> Result<serde_json::Value> {
+    let t_all = Instant::now();
+    let vol = nifti::read_volume(input)?;
+    segment_volume(model, &vol, output, a, opts, t_all)
+}
+
+fn segment_volume(
+    model: &SegVol,
+    vol: &Volume,
+    output: &Output,
+    a: &SegmentArgs,
+    opts: &Options,
+    t_all: Instant,
+) -> Result<serde_json::Value> {
+    let prompts = resolve_prompts(a, vol)?;
+    let label = vol
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut progress = progress_line(label);
+    let out = pipeline::segment(
+        model,
+        &vol.data,
+        vol.model_dims(),
+        &prompts,
+        opts,
+        &mut progress,
+    )?;
+    let t_write = Instant::now();
+    let files = write_outputs(vol, &out, output, &prompts)?;
+    if let Some(path) = &a.save_logits {
+        save_logits(path, &out)?;
+    }
+    let write_seconds = t_write.elapsed().as_secs_f64();
+    let report = report(
+        vol,
+        &out,
+        &files,
+        write_seconds,
+        t_all.elapsed().as_secs_f64(),
+    );
+    print_summary(vol, &out, &files, write_seconds);
+    Ok(report)
+}
+
+fn write_outputs(
+    vol: &Volume,
+    out: &VolumeOutcome,
+    output: &Output,
+    prompts: &[UserPrompt],
+) -> Result<Vec<PathBuf>> {
+    match output {
+        Output::File(f) => {
+            let mask = if out.prompts.len() == 1 {
+                out.mask(0)
+            } else {
+                out.label_map()
+            };
+            nifti::write_mask(f, vol, &mask)?;
+            Ok(vec![f.clone()])
+        }
+        Output::Dir(d) => {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            let mut files = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let name = match (&p.text, prompts.len()) {
+                    (Some(t), n) if n > 1 => format!("{}_{}.nii.gz", stem(&vol.path), slug(t)),
+                    _ => format!("{}_mask.nii.gz", stem(&vol.path)),
+                };
+                let f = d.join(name);
+                nifti::write_mask(&f, vol, &out.mask(i))?;
+                files.push(f);
+            }
+            Ok(files)
+        }
+    }
+}
+
+fn save_logits(path: &Path, out: &VolumeOutcome) -> Result<()> {
+    let cd = out.cropped_dims.to_vec();
+    let mut tensors = Vec::new();
+    for (i, p) in out.prompts.iter().enumerate() {
+        let suffix = if out.prompts.len() > 1 {
+            format!("_{i}")
+        } else {
+            String::new()
+        };
+        tensors.push((
+            format!("final_logits{suffix}"),
+            segvol::tensor::HostTensor::new(cd.clone(), p.logits.clone()),
+        ));
+        let [d, h, w] = out.window;
+        tensors.push((
+            format!("zoom_out_logits{suffix}"),
+            segvol::tensor::HostTensor::new(vec![1, 1, d, h, w], p.zoom_out_logits.clone()),
+        ));
+    }
+    let refs: Vec<(&str, &segvol::tensor::HostTensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    segvol::tensor::write_safetensors(path, &refs)
+}
+
+fn voxel_ml(vol: &Volume) -> f64 {
+    vol.spacing.iter().map(|&s| s.abs() as f64).product::<f64>() / 1000.0
+}
+
+fn report(
+    vol: &Volume,
+    out: &VolumeOutcome,
+    files: &[PathBuf],
+    write_s: f64,
+    total_s: f64,
+) -> serde_json::Value {
+    let ml = voxel_ml(vol);
+    let prompts: Vec<_> = out
+        .prompts
+        .iter()
+        .map(|p| {
+            json!({
+                "text": p.prompt.text,
+                "box_ijk": p.prompt.bbox,
+                "points_ijk": p.prompt.points,
+                "points_positive": p.prompt.positive,
+                "zoom_out_box_dhw": p.zoom_out_box,
+                "zoom_out_points_dhw": p.zoom_out_points,
+                "voxels": p.voxels,
+                "volume_ml": p.voxels as f64 * ml,
+                "roi": p.roi.map(|r| json!({"official_bounds_dhw": r.bounds, "start_dhw": r.start, "shape_dhw": r.shape})),
+                "pad_before_dhw": p.pad_before,
+                "window_count": p.windows.len(),
+                "windows": p.windows.iter().map(|w| json!({"padded_roi_range": w.padded_range, "box": w.bbox, "points": w.points})).collect::<Vec<_>>(),
+                "seconds": {"zoom_out": p.zoom_out_seconds, "zoom_in": p.zoom_in_seconds},
+            })
+        })
+        .collect();
+    let zoom_out: f64 =
+        out.zoom_out_encode_seconds + out.prompts.iter().map(|p| p.zoom_out_seconds).sum::<f64>();
+    let zoom_in: f64 = out.prompts.iter().map(|p| p.zoom_in_seconds).sum();
+    json!({
+        "input": vol.path,
+        "outputs": files,
+        "dims_ijk": vol.dims,
+        "spacing": vol.spacing,
+        "crop": {"start_dhw": out.crop_start, "end_dhw": out.crop_end, "shape_dhw": out.cropped_dims},
+        "normalization": {
+            "threshold_mean": out.norm.stats.threshold, "num_voxels_above_threshold": out.norm.stats.count,
+            "p0_05": out.norm.stats.p_lo, "p99_95": out.norm.stats.p_hi,
+            "mean_above": out.norm.stats.mean, "std_above": out.norm.stats.std,
+        },
+        "window_batch": out.batch,
+        "prompts": prompts,
+        "seconds": {"read": vol.read_seconds, "preprocess": out.preprocess_seconds, "zoom_out": zoom_out, "zoom_in": zoom_in, "write": write_s, "total": total_s},
+    })
+}
+
+fn print_summary(vol: &Volume, out: &VolumeOutcome, files: &[PathBuf], write_s: f64) {
+    let ml = voxel_ml(vol);
+    for p in &out.prompts {
+        let roi = p
+            .roi
+            .map_or("none (zoom-out found no foreground)".to_string(), |r| {
+                format!("{:?} at {:?}", r.shape, r.start)
+            });
+        eprintln!(
+            "segvol: {}: {}: {} voxels ({:.1} mL), ROI {roi}, {} windows",
+            vol.path.display(),
+            p.prompt.describe(),
+            p.voxels,
+            p.voxels as f64 * ml,
+            p.windows.len()
+        );
+    }
+    let zoom_out: f64 =
+        out.zoom_out_encode_seconds + out.prompts.iter().map(|p| p.zoom_out_seconds).sum::<f64>();
+    let zoom_in: f64 = out.prompts.iter().map(|p| p.zoom_in_seconds).sum();
+    eprintln!(
+        "segvol: times: read {:.2} s, preprocess {:.2} s, zoom-out {:.2} s, zoom-in {:.2} s, write {:.2} s",
+        vol.read_seconds, out.preprocess_seconds, zoom_out, zoom_in, write_s
+    );
+    for f in files {
+        eprintln!("segvol: wrote {}", f.display());
+    }
+}
+
+fn write_report(path: Option<&Path>, reports: &[serde_json::Value]) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let v = if reports.len() == 1 {
+        reports[0].clone()
+    } else {
+        json!({ "volumes": reports })
+    };
+    let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?;
+    segvol::io::write_atomic(path, text.as_bytes())
+}
+
+/// `--demo`: the bundled CT, full-size segvol-random-v1 weights generated in memory, "liver".
+fn demo(mut a: SegmentArgs) -> Result<()> {
+    eprintln!("segvol demo: the weights are RANDOM (segvol-random-v1, seed {DEMO_SEED}), so the mask is meaningless;");
+    eprintln!("             it exercises the whole pipeline at full size. Use --model with the released SegVol weights for real masks.");
+    if a.text.is_empty() && a.r#box.is_none() && a.point.is_empty() {
+        a.text = vec!["liver".into()];
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("segvol-demo-mask.nii.gz"));
+    check_nifti_name(&out)?;
+    let opts = options(&a)?;
+    let t0 = Instant::now();
+    let cfg = segvol::ModelConfig::full();
+    let store = segvol::weights::WeightStore::random(&cfg, DEMO_SEED);
+    let tokenizer = segvol::tokenizer::TextTokenizer::for_model_dir(
+        None,
+        &cfg.text_template,
+        cfg.text.max_positions,
+    )?;
+    let model = SegVol::new(cfg, Arc::new(store), tokenizer, a.device.open()?)?;
+    eprintln!(
+        "segvol demo: generated full-size weights on {} in {:.1} s",
+        model.backend().name(),
+        t0.elapsed().as_secs_f64()
+    );
+    let t_all = Instant::now();
+    let vol = nifti::read_volume_bytes(
+        DEMO_CT.to_vec(),
+        Path::new("example_ct_sm.nii.gz (bundled)"),
+    )?;
+    let report = segment_volume(&model, &vol, &Output::File(out), &a, &opts, t_all)?;
+    write_report(a.json.as_deref(), &[report])
+}
