@@ -88,6 +88,16 @@ impl ImageEmbedding {
     }
 }
 
+/// One op's measured time (`SegVol::profile`).
+#[derive(Clone, Debug)]
+pub struct OpTiming {
+    pub program: String,
+    pub label: String,
+    pub kind: &'static str,
+    pub seconds: f64,
+    pub flops: f64,
+}
+
 /// One prompt made ready for the decoder: the token rows, their kinds, and the text.
 struct DecoderInput {
     tokens: Vec<f32>,
@@ -520,6 +530,83 @@ impl SegVol {
             self.run(&c, &ext)?;
         }
         Ok(())
+    }
+
+    /// Runs the encoder (batch `batch`, images at `images`) and the decoder for `prompt` on
+    /// every window once, synchronising after each op, and returns every op's wall time with
+    /// its counted FLOPs (`segvol bench`). The text embedding must already be cached for the
+    /// decoder times to exclude CLIP.
+    pub fn profile(
+        &self,
+        images: Addr,
+        batch: usize,
+        prompt: &WindowPrompt,
+    ) -> Result<Vec<OpTiming>> {
+        let dtype = self.backend.dtype();
+        let emb = self.backend.alloc(batch * self.embedding_bytes())?;
+        let logits = self.backend.alloc(batch * self.cfg.window_voxels() * 4)?;
+        let mut out = Vec::new();
+        let enc = self.compiled(ProgramKey::Encoder {
+            batch,
+            stages: false,
+        })?;
+        out.extend(self.run_profiled(&enc, &[("image", images), ("image_embedding", emb.addr())])?);
+        let input = self.tokens(prompt)?;
+        let key = DecoderKey {
+            batch,
+            sparse: input.kinds.len(),
+            text: input.text.is_some(),
+        };
+        let dec = self.compiled(ProgramKey::Decoder { key, stages: false })?;
+        let mut host: Vec<f32> = Vec::new();
+        for _ in 0..batch {
+            host.extend_from_slice(&input.tokens);
+        }
+        let tok_len = host.len();
+        if let Some(t) = &input.text {
+            for _ in 0..batch {
+                host.extend_from_slice(&t.embedding);
+            }
+        }
+        let staging = self.upload_f32(&host, dtype)?;
+        let mut ext = vec![
+            ("image_embedding", emb.addr()),
+            ("tokens", staging.addr()),
+            ("logits", logits.addr()),
+        ];
+        if key.text {
+            ext.push((
+                "text_embedding",
+                staging.addr() + (tok_len * dtype.size()) as u64,
+            ));
+        }
+        out.extend(self.run_profiled(&dec, &ext)?);
+        Ok(out)
+    }
+
+    fn run_profiled(&self, c: &Compiled, externals: &[(&str, Addr)]) -> Result<Vec<OpTiming>> {
+        self.reserve_arena(c.plan.arena_bytes)?;
+        let st = self.state.lock();
+        let arena = st.arena.as_ref().unwrap().addr();
+        let ext: Vec<(TensorId, Addr)> = externals
+            .iter()
+            .map(|(name, a)| Ok((c.ext(name)?, *a)))
+            .collect::<Result<_>>()?;
+        let bound = exec::bind(&c.program, &c.plan, arena, &self.weights, &ext)?;
+        // SAFETY: as in `run`.
+        let times = unsafe { exec::run_timed(self.backend.as_ref(), &bound)? };
+        Ok(c.program
+            .steps
+            .iter()
+            .zip(times)
+            .map(|(s, t)| OpTiming {
+                program: c.program.name.clone(),
+                label: s.label.clone(),
+                kind: s.op.kind(),
+                seconds: t.as_secs_f64(),
+                flops: s.op.flops(),
+            })
+            .collect())
     }
 
     /// Uploads small per-call inputs (decoder tokens, text embeddings) into a staging buffer

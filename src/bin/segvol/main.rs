@@ -1,6 +1,7 @@
 //! `segvol`: SegVol from the command line. Every subcommand reports bad input as one line on
 //! stderr and exit status 2, an engine failure as exit status 1 (DESIGN.md, "Errors").
 
+mod bench;
 mod plan;
 mod segment;
 
@@ -30,6 +31,8 @@ enum Command {
     Segment(segment::SegmentArgs),
     /// One model call on one window tensor (safetensors in, safetensors out).
     Window(WindowArgs),
+    /// Time model calls and their stages; report TFLOP/s against the counted floor.
+    Bench(bench::BenchArgs),
     /// Print the memory plan of a model call, or of a whole volume with --shape.
     Plan(plan::PlanArgs),
     /// Summarise and validate a checkpoint (a model directory or a weights file).
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
         Command::Segment(a) => segment::run(a),
         Command::Window(a) => window(a),
         Command::Plan(a) => plan::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect(a),
         Command::GenWeights(a) => gen_weights(a),
     };

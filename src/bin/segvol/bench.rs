@@ -1,0 +1,180 @@
+//! `segvol bench`: times the model call and its stages on a device and reports achieved
+//! throughput against the counted floor (spec §8.3: ~0.53 TFLOP per full-size call). Inputs are
+//! pseudo-random windows in [0, 1] (never zeros); weights are the model's, or generated
+//! full-size segvol-random-v1 weights when no --model is given.
+
+use crate::DeviceArgs;
+use clap::Args;
+use segvol::error::Result;
+use segvol::model::{SegVol, WindowPrompt};
+use segvol::{DType, ModelConfig};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model directory; default: full-size random weights generated in memory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Windows per call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed iterations (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Untimed warm-up iterations.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Text prompt for the decoder.
+    #[arg(long, default_value = "liver")]
+    text: String,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let backend = a.device.open()?;
+    let model = match &a.model {
+        Some(dir) => SegVol::load(dir, backend)?,
+        None => {
+            let cfg = ModelConfig::full();
+            let store = segvol::weights::WeightStore::random(&cfg, 2);
+            let tok = segvol::tokenizer::TextTokenizer::for_model_dir(
+                None,
+                &cfg.text_template,
+                cfg.text.max_positions,
+            )?;
+            SegVol::new(cfg, Arc::new(store), tok, backend)?
+        }
+    };
+    let b = model.backend().clone();
+    let cfg = model.config().clone();
+    let batch = a.batch.max(1);
+    let win = cfg.window_voxels();
+    // Pseudo-random windows in [0, 1].
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let images: Vec<f32> = (0..batch * win)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / 16_777_216.0
+        })
+        .collect();
+    let img = b.alloc(images.len() * 4)?;
+    let emb = b.alloc(batch * model.embedding_bytes())?;
+    let logits = b.alloc(batch * win * 4)?;
+    // SAFETY: sized for the images.
+    unsafe { b.upload(img.addr(), bytemuck::cast_slice(&images))? };
+    let prompt = WindowPrompt {
+        text: Some(a.text.clone()),
+        ..Default::default()
+    };
+    let prompts = vec![prompt.clone(); batch];
+
+    // CLIP once, uncached (the cache serves every later call).
+    let t0 = Instant::now();
+    model.text_embedding(&a.text)?;
+    let text_s = t0.elapsed().as_secs_f64();
+
+    let (mut enc, mut dec, mut call) = (Vec::new(), Vec::new(), Vec::new());
+    for it in 0..a.warmup + a.iters {
+        let t0 = Instant::now();
+        model.encode_into(img.addr(), batch, emb.addr())?;
+        b.synchronize()?;
+        let t1 = Instant::now();
+        model.decode(emb.addr(), &prompts, logits.addr())?;
+        b.synchronize()?;
+        let t2 = Instant::now();
+        if it >= a.warmup {
+            enc.push((t1 - t0).as_secs_f64());
+            dec.push((t2 - t1).as_secs_f64());
+            call.push((t2 - t0).as_secs_f64());
+        }
+    }
+    let plan = segvol::model::CallPlan::new(&cfg, b.dtype(), batch, 1, 0)?;
+    let flops = plan.programs.iter().map(|(p, _)| p.flops()).sum::<f64>();
+    let (enc_m, dec_m, call_m) = (median(&mut enc), median(&mut dec), median(&mut call));
+    println!(
+        "segvol bench: {} ({}), window {:?}, batch {batch}, text {:?}, {} iterations (median), {} threads",
+        b.name(),
+        b.dtype(),
+        cfg.spatial_size,
+        a.text,
+        a.iters,
+        rayon::current_num_threads()
+    );
+    println!(
+        "  {:<28} {:>10} {:>12} {:>12}",
+        "stage", "median", "per window", "TFLOP/s"
+    );
+    let row = |name: &str, s: f64, fl: Option<f64>| {
+        let tf = fl.map_or(String::from("-"), |f| format!("{:.3}", f / s / 1e12));
+        println!(
+            "  {:<28} {:>8.3} s {:>10.3} s {:>12}",
+            name,
+            s,
+            s / batch as f64,
+            tf
+        );
+    };
+    let enc_flops = plan.programs[0].0.flops();
+    row("image encoder", enc_m, Some(enc_flops));
+    row("mask decoder (text)", dec_m, Some(flops - enc_flops));
+    row("model call", call_m, Some(flops));
+    println!(
+        "  {:<28} {:>8.3} s   (once per distinct text, then cached)",
+        "text encoder (CLIP)", text_s
+    );
+    println!(
+        "  counted floor: {:.1} GFLOP per window",
+        flops / batch as f64 / 1e9
+    );
+
+    // One profiled call: time per op kind (synchronised after every op).
+    let ops = model.profile(img.addr(), batch, &prompt)?;
+    let mut by_kind: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    for o in &ops {
+        let e = by_kind.entry(o.kind).or_default();
+        e.0 += o.seconds;
+        e.1 += o.flops;
+        e.2 += 1;
+    }
+    let total: f64 = ops.iter().map(|o| o.seconds).sum();
+    println!("  per op kind (one profiled call, {:.3} s):", total);
+    let mut kinds: Vec<_> = by_kind.into_iter().collect();
+    kinds.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    for (kind, (s, f, n)) in kinds {
+        let tf = if f > 0.0 {
+            format!("{:.3} TFLOP/s", f / s / 1e12)
+        } else {
+            String::new()
+        };
+        println!(
+            "    {:<24} {:>4} ops {:>8.3} s {:>5.1}%  {}",
+            kind,
+            n,
+            s,
+            100.0 * s / total,
+            tf
+        );
+    }
+    if b.dtype() != DType::F32 && b.name() == "cpu" {
+        println!("  note: the CPU computes in f32");
+    }
+    Ok(())
+}
