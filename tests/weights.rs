@@ -1156,3 +1156,50 @@ fn full_model_dir_round_trip() {
         weights::generate_f32(key, &[49408, 512], 2).as_slice()
     );
 }
+
+/// The CLI on the same faults: `segvol window` with a model directory whose .bin misses a key
+/// or holds a mis-shaped tensor exits with status 2 and names the key (no panic).
+#[test]
+fn cli_reports_checkpoint_faults_with_exit_status_2() {
+    let cases: [(
+        &str,
+        &str,
+        Box<dyn Fn(&mut Vec<(String, Vec<usize>, &'static str, Vec<u8>)>)>,
+    ); 2] = [
+        (
+            "missing",
+            "mask_decoder.iou_prediction_head.layers.1.weight",
+            Box::new(|t| {
+                t.retain(|(k, ..)| k != "mask_decoder.iou_prediction_head.layers.1.weight")
+            }),
+        ),
+        (
+            "shape",
+            "image_encoder.blocks.1.attn.qkv.weight",
+            Box::new(|t| {
+                let e = t
+                    .iter_mut()
+                    .find(|(k, ..)| k == "image_encoder.blocks.1.attn.qkv.weight")
+                    .unwrap();
+                e.1 = vec![96, 288];
+            }),
+        ),
+    ];
+    for (what, key, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(tiny_model().join(f), dir.path().join(f)).unwrap();
+        }
+        write_flat_bin(&dir.path().join("pytorch_model.bin"), "model.", |t| edit(t));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_segvol"))
+            .args(["inspect", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains(key) && err.contains("pytorch_model.bin") && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+    }
+}

@@ -237,14 +237,17 @@ fn parse_prompt_args(a: &SegmentArgs) -> Result<PromptArgs> {
 /// through the affine (nearest voxel).
 fn resolve_prompts(a: &SegmentArgs, vol: &Volume) -> Result<Vec<UserPrompt>> {
     let args = parse_prompt_args(a)?;
-    let to_voxel = |p: [f64; 3]| -> Result<[usize; 3]> {
+    let to_voxel = |p: [f64; 3], what: &str| -> Result<[usize; 3]> {
         if a.mm {
-            vol.nearest_voxel_from_world(p)
+            vol.nearest_voxel_from_world(p).map_err(|e| match e {
+                Error::Prompt(m) => Error::Prompt(format!("{what} at {p:?} mm: {m}")),
+                other => other,
+            })
         } else {
             let v = p.map(|x| x as usize);
             if (0..3).any(|i| v[i] >= vol.dims[i]) {
                 return Err(Error::Prompt(format!(
-                    "{}: voxel {v:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
+                    "{}: {what} {v:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
                     vol.path.display(),
                     vol.dims[0],
                     vol.dims[1],
@@ -257,8 +260,8 @@ fn resolve_prompts(a: &SegmentArgs, vol: &Volume) -> Result<Vec<UserPrompt>> {
     let bbox = match args.bbox {
         None => None,
         Some(b) => {
-            let c0 = to_voxel([b[0], b[1], b[2]])?;
-            let c1 = to_voxel([b[3], b[4], b[5]])?;
+            let c0 = to_voxel([b[0], b[1], b[2]], "--box corner")?;
+            let c1 = to_voxel([b[3], b[4], b[5]], "--box corner")?;
             // Millimetre corners may swap order through a flipped axis (LAS).
             Some([
                 c0[0].min(c1[0]),
@@ -273,7 +276,10 @@ fn resolve_prompts(a: &SegmentArgs, vol: &Volume) -> Result<Vec<UserPrompt>> {
     let mut points = Vec::new();
     let mut positive = Vec::new();
     for (p, pos) in &args.points {
-        points.push(to_voxel(*p)?);
+        points.push(to_voxel(
+            *p,
+            if *pos { "--point" } else { "--negative-point" },
+        )?);
         positive.push(*pos);
     }
     let base = UserPrompt {
@@ -371,7 +377,13 @@ fn segment_volume(
         &prompts,
         opts,
         &mut progress,
-    )?;
+    )
+    .map_err(|e| match e {
+        // Name the file in faults of its content (no foreground, a prompt outside it, ...).
+        Error::Input(m) => Error::Input(format!("{}: {m}", vol.path.display())),
+        Error::Prompt(m) => Error::Prompt(format!("{}: {m}", vol.path.display())),
+        other => other,
+    })?;
     let t_write = Instant::now();
     let files = write_outputs(vol, &out, output, &prompts)?;
     if let Some(path) = &a.save_logits {
