@@ -1161,11 +1161,8 @@ fn full_model_dir_round_trip() {
 /// or holds a mis-shaped tensor exits with status 2 and names the key (no panic).
 #[test]
 fn cli_reports_checkpoint_faults_with_exit_status_2() {
-    let cases: [(
-        &str,
-        &str,
-        Box<dyn Fn(&mut Vec<(String, Vec<usize>, &'static str, Vec<u8>)>)>,
-    ); 2] = [
+    type Edit = Box<dyn Fn(&mut Vec<(String, Vec<usize>, &'static str, Vec<u8>)>)>;
+    let cases: [(&str, &str, Edit); 2] = [
         (
             "missing",
             "mask_decoder.iou_prediction_head.layers.1.weight",

@@ -417,6 +417,22 @@ pub trait Backend: Send + Sync {
     unsafe fn download(&self, src: Addr, dst: &mut [u8]) -> Result<()>;
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
+    /// Records the ops that `issue` submits into a replayable graph instead of running them
+    /// (CUDA graphs). `Ok(None)` where the backend has no graphs: the caller then runs the ops
+    /// directly.
+    fn capture(
+        &self,
+        issue: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Box<dyn kernel::DeviceGraph>>> {
+        let _ = issue;
+        Ok(None)
+    }
+    /// Opens a named range on the profiler's timeline (NVTX on CUDA; nothing elsewhere).
+    fn range_push(&self, name: &str) {
+        let _ = name;
+    }
+    /// Closes the innermost range opened by [`Backend::range_push`].
+    fn range_pop(&self) {}
 
     /// # Safety
     /// See the trait documentation.
@@ -498,27 +514,18 @@ pub trait Backend: Send + Sync {
     unsafe fn threshold_u8(&self, x: Addr, out: Addr, n: usize, threshold: f32) -> Result<()>;
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A profiler range that closes when dropped (NVTX on CUDA): `let _r = range(b, "zoom-in");`.
+pub struct Range<'a>(&'a dyn Backend);
 
-    #[test]
-    fn gelu_matches_known_values() {
-        // 0.5 x (1 + erf(x / sqrt 2)), evaluated in high precision.
-        let cases = [
-            (1.0f32, 0.841_344_8_f32),
-            (-1.0, -0.158_655_25),
-            (0.5, 0.345_731_23),
-            (3.0, 2.995_950_3),
-        ];
-        for (x, e) in cases {
-            assert!(
-                (Act::Gelu.apply(x) - e).abs() <= 1e-6 * e.abs().max(1.0),
-                "gelu({x}) = {}",
-                Act::Gelu.apply(x)
-            );
-        }
-        assert_eq!(Act::Relu.apply(-2.0), 0.0);
+/// Opens a profiler range on `b` until the returned guard drops.
+pub fn range<'a>(b: &'a dyn Backend, name: &str) -> Range<'a> {
+    b.range_push(name);
+    Range(b)
+}
+
+impl Drop for Range<'_> {
+    fn drop(&mut self) {
+        self.0.range_pop();
     }
 }
 
@@ -560,5 +567,29 @@ pub fn open(device: &str, precision: Option<DType>) -> Result<std::sync::Arc<dyn
         _ => Err(Error::Usage(format!(
             "--device {device}: expected cpu, emu, cuda or cuda:N"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_known_values() {
+        // 0.5 x (1 + erf(x / sqrt 2)), evaluated in high precision.
+        let cases = [
+            (1.0f32, 0.841_344_8_f32),
+            (-1.0, -0.158_655_25),
+            (0.5, 0.345_731_23),
+            (3.0, 2.995_950_3),
+        ];
+        for (x, e) in cases {
+            assert!(
+                (Act::Gelu.apply(x) - e).abs() <= 1e-6 * e.abs().max(1.0),
+                "gelu({x}) = {}",
+                Act::Gelu.apply(x)
+            );
+        }
+        assert_eq!(Act::Relu.apply(-2.0), 0.0);
     }
 }

@@ -123,6 +123,7 @@ enum ProgramKey {
 }
 
 struct Compiled {
+    key: ProgramKey,
     program: Program,
     plan: Plan,
     /// External tensors by name.
@@ -130,7 +131,7 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn new(program: Program) -> Result<Self> {
+    fn new(key: ProgramKey, program: Program) -> Result<Self> {
         let plan = planner::plan(&program)?;
         let io = program
             .tensors
@@ -139,7 +140,12 @@ impl Compiled {
             .filter(|(_, t)| t.kind == TensorKind::External)
             .map(|(i, t)| (t.name.clone(), TensorId(i as u32)))
             .collect();
-        Ok(Compiled { program, plan, io })
+        Ok(Compiled {
+            key,
+            program,
+            plan,
+            io,
+        })
     }
     fn ext(&self, name: &str) -> Result<TensorId> {
         self.io.get(name).copied().ok_or_else(|| {
@@ -220,6 +226,25 @@ struct RunState {
     programs: HashMap<ProgramKey, Arc<Compiled>>,
     arena: Option<Buffer>,
     staging: Option<Buffer>,
+    /// Captured graphs by binding, and how often each binding has run.
+    graphs: HashMap<GraphKey, Box<dyn crate::backend::kernel::DeviceGraph>>,
+    seen: HashMap<GraphKey, u32>,
+}
+
+/// A program bound to concrete addresses: what a captured graph replays.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct GraphKey {
+    program: ProgramKey,
+    arena: Addr,
+    externals: Vec<Addr>,
+}
+
+/// Graphs kept per model before the cache is emptied.
+const MAX_GRAPHS: usize = 64;
+
+/// CUDA graphs are on unless `SEGVOL_CUDA_GRAPHS=0` (for debugging a kernel eagerly).
+fn graphs_enabled() -> bool {
+    std::env::var("SEGVOL_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
 /// A loaded SegVol model on one backend.
@@ -292,6 +317,8 @@ impl SegVol {
                 programs: HashMap::new(),
                 arena: None,
                 staging: None,
+                graphs: HashMap::new(),
+                seen: HashMap::new(),
             }),
         })
     }
@@ -340,7 +367,7 @@ impl SegVol {
                 mask_decoder::build(&self.cfg, key, dtype, stages).0
             }
         };
-        let c = Arc::new(Compiled::new(program)?);
+        let c = Arc::new(Compiled::new(key, program)?);
         st.programs.insert(key, c.clone());
         Ok(c)
     }
@@ -350,7 +377,9 @@ impl SegVol {
         let mut st = self.state.lock();
         let need = c.plan.arena_bytes.max(1);
         if st.arena.as_ref().is_none_or(|a| a.len() < need) {
-            st.arena = None; // free the old arena before allocating the larger one
+            // Free the old arena (and the graphs that point into it) before growing.
+            st.graphs.clear();
+            st.arena = None;
             st.arena = Some(self.backend.alloc(need)?);
         }
         let arena = st.arena.as_ref().unwrap().addr();
@@ -358,10 +387,55 @@ impl SegVol {
             .iter()
             .map(|(name, a)| Ok((c.ext(name)?, *a)))
             .collect::<Result<_>>()?;
-        let bound = exec::bind(&c.program, &c.plan, arena, &self.weights, &ext)?;
+        let backend = self.backend.as_ref();
+        backend.range_push(&c.program.name);
+        let result = self.run_bound(&mut st, c, arena, &ext);
+        backend.range_pop();
+        result
+    }
+
+    /// Runs a program on bound addresses: replays its graph if one was captured for exactly
+    /// these addresses, captures one the second time the same binding runs (CUDA graphs remove
+    /// the per-launch overhead; one-off bindings are not worth capturing), else runs the ops.
+    fn run_bound(
+        &self,
+        st: &mut RunState,
+        c: &Compiled,
+        arena: Addr,
+        ext: &[(TensorId, Addr)],
+    ) -> Result<()> {
+        let backend = self.backend.as_ref();
+        let key = GraphKey {
+            program: c.key,
+            arena,
+            externals: ext.iter().map(|e| e.1).collect(),
+        };
+        if let Some(g) = st.graphs.get(&key) {
+            // SAFETY: the graph was recorded for exactly these live buffers.
+            return unsafe { g.launch() };
+        }
+        let bound = exec::bind(&c.program, &c.plan, arena, &self.weights, ext)?;
+        if st.seen.len() > 1024 {
+            st.seen.clear();
+        }
+        let seen = st.seen.entry(key.clone()).or_insert(0);
+        *seen += 1;
+        if *seen >= 2 && graphs_enabled() {
+            // SAFETY (issue): as below; the capture only records.
+            let graph = backend.capture(&mut || unsafe { exec::run(backend, &bound) })?;
+            if let Some(g) = graph {
+                // SAFETY: recorded for these live buffers.
+                unsafe { g.launch()? };
+                if st.graphs.len() >= MAX_GRAPHS {
+                    st.graphs.clear();
+                }
+                st.graphs.insert(key, g);
+                return Ok(());
+            }
+        }
         // SAFETY: the arena, the weights and the caller's buffers are live allocations of this
         // backend, and `bind` checked every operand against its tensor's extent.
-        unsafe { exec::run(self.backend.as_ref(), &bound) }
+        unsafe { exec::run(backend, &bound) }
     }
 
     fn upload_f32(&self, data: &[f32], dtype: DType) -> Result<Buffer> {

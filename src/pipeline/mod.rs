@@ -22,7 +22,7 @@ pub mod geometry;
 pub mod plan;
 pub mod preprocess;
 
-use crate::backend::{AccumulateArgs, Addr, BBox, Backend, CopyBoxArgs, InterpMode};
+use crate::backend::{range, AccumulateArgs, Addr, BBox, Backend, CopyBoxArgs, InterpMode};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{SegVol, WindowPrompt};
@@ -214,6 +214,7 @@ pub fn segment(
     let at = |x: Buf| region.at(plan.offset(x));
 
     let t0 = Instant::now();
+    let r = range(b, "preprocess");
     // SAFETY (all device calls below): every address is a buffer of `region` laid out by the
     // plan for a volume of these dims, whose sizes bound every extent used.
     let (norm, crop_start, crop_end) = unsafe {
@@ -225,10 +226,12 @@ pub fn segment(
     };
     let cropped_dims = [0, 1, 2].map(|a| crop_end[a] - crop_start[a]);
     b.synchronize()?;
+    drop(r);
     let preprocess_seconds = t0.elapsed().as_secs_f64();
 
     // §6.4: the zoom-out window, encoded once for every prompt.
     let t0 = Instant::now();
+    let r = range(b, "zoom-out encode");
     unsafe {
         preprocess::resize_on_device(
             b,
@@ -241,6 +244,7 @@ pub fn segment(
     }
     model.encode_into(at(Buf::WindowBatch), 1, at(Buf::ZoomOutEmbedding))?;
     b.synchronize()?;
+    drop(r);
     let zoom_out_encode_seconds = t0.elapsed().as_secs_f64();
 
     let ctx = Ctx {
@@ -388,6 +392,7 @@ impl Ctx<'_> {
 
         // §6.5–§6.6: the zoom-out call and its logits back on the cropped grid.
         let t0 = Instant::now();
+        let r = range(b, "zoom-out");
         let (zoom_box, zoom_points) = self.map_prompt(p)?;
         let labels: Vec<f32> = p
             .positive
@@ -424,9 +429,11 @@ impl Ctx<'_> {
         let pred = unsafe { b.bbox_above(self.at(Buf::Global), cd, [0; 3], cd, 0.0)? };
         let roi = geometry::roi_bounds(pred, cd, window);
         b.synchronize()?;
+        drop(r);
         let zoom_out_seconds = t0.elapsed().as_secs_f64();
 
         let t0 = Instant::now();
+        let r = range(b, "zoom-in");
         let mut windows = Vec::new();
         let mut pad_before = [0; 3];
         if let (Some(roi), true) = (roi, opts.zoom_in) {
@@ -435,6 +442,7 @@ impl Ctx<'_> {
             windows = self.zoom_in(p, &roi, &sw, zoom_box, &labels, progress)?;
         }
         b.synchronize()?;
+        drop(r);
         let zoom_in_seconds = t0.elapsed().as_secs_f64();
 
         // §6.9: the mask, logit > 0 (= sigmoid > 0.5).
@@ -503,6 +511,10 @@ impl Ctx<'_> {
         let mut records = Vec::with_capacity(sw.len());
         let total = sw.len();
         for chunk in (0..total).collect::<Vec<_>>().chunks(self.plan.batch) {
+            let _r = range(
+                b,
+                &format!("window batch {}..{}", chunk[0], chunk[0] + chunk.len()),
+            );
             let mut prompts = Vec::with_capacity(chunk.len());
             for (slot, &i) in chunk.iter().enumerate() {
                 let start = sw.windows[i].start;

@@ -884,6 +884,18 @@ impl KernelDevice for CudaDevice {
         self.debug_sync(&|| format!("gemm {dtype} {args:?}"))
     }
 
+    fn supports_graphs(&self) -> bool {
+        true
+    }
+
+    fn range_push(&self, name: &str) {
+        CudaDevice::range_push(self, name)
+    }
+
+    fn range_pop(&self) {
+        CudaDevice::range_pop(self)
+    }
+
     fn begin_capture(&self) -> Result<()> {
         self.begin_capture_inner()
     }

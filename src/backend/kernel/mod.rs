@@ -117,6 +117,16 @@ pub trait KernelDevice: Send + Sync {
     /// As for [`super::Backend::gemm`].
     unsafe fn gemm(&self, args: &GemmArgs, dtype: DType) -> Result<()>;
 
+    /// Whether [`KernelDevice::begin_capture`] is supported.
+    fn supports_graphs(&self) -> bool {
+        false
+    }
+    /// Opens a named profiler range (NVTX).
+    fn range_push(&self, name: &str) {
+        let _ = name;
+    }
+    /// Closes the innermost profiler range.
+    fn range_pop(&self) {}
     /// Starts recording the launches and GEMMs that follow into a graph instead of running
     /// them (a CUDA graph; DESIGN.md, "Program and memory plan"). Must be paired with
     /// [`KernelDevice::end_capture`], also after an error. Devices without graphs refuse.
@@ -210,6 +220,26 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     }
     fn synchronize(&self) -> Result<()> {
         self.dev.synchronize()
+    }
+    fn capture(
+        &self,
+        issue: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Box<dyn DeviceGraph>>> {
+        if !self.dev.supports_graphs() {
+            return Ok(None);
+        }
+        self.dev.begin_capture()?;
+        let issued = issue();
+        // End the capture even when issuing failed, so the stream is usable again.
+        let graph = self.dev.end_capture();
+        issued?;
+        graph.map(Some)
+    }
+    fn range_push(&self, name: &str) {
+        self.dev.range_push(name)
+    }
+    fn range_pop(&self) {
+        self.dev.range_pop()
     }
     unsafe fn gemm(&self, a: &GemmArgs) -> Result<()> {
         unsafe { self.dev.gemm(a, self.dtype) }

@@ -351,7 +351,10 @@ fn segment_file(
     opts: &Options,
 ) -> Result<serde_json::Value> {
     let t_all = Instant::now();
-    let vol = nifti::read_volume(input)?;
+    let vol = {
+        let _r = segvol::backend::range(model.backend().as_ref(), "read");
+        nifti::read_volume(input)?
+    };
     segment_volume(model, &vol, output, a, opts, t_all)
 }
 
@@ -385,10 +388,12 @@ fn segment_volume(
         other => other,
     })?;
     let t_write = Instant::now();
+    let write_range = segvol::backend::range(model.backend().as_ref(), "write");
     let files = write_outputs(vol, &out, output, &prompts)?;
     if let Some(path) = &a.save_logits {
         save_logits(path, &out)?;
     }
+    drop(write_range);
     let write_seconds = t_write.elapsed().as_secs_f64();
     let report = report(
         vol,
