@@ -417,6 +417,11 @@ pub trait Backend: Send + Sync {
     unsafe fn download(&self, src: Addr, dst: &mut [u8]) -> Result<()>;
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
+    /// Device memory free now, where the device reports it (the default memory budget of a
+    /// whole-volume run on CUDA). `None` on the host backends.
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
     /// Records the ops that `issue` submits into a replayable graph instead of running them
     /// (CUDA graphs). `Ok(None)` where the backend has no graphs: the caller then runs the ops
     /// directly.

@@ -700,6 +700,11 @@ impl SegVol {
         Ok(addr)
     }
 
+    /// Bytes of the arena now held.
+    pub fn arena_bytes(&self) -> usize {
+        self.state.lock().arena.as_ref().map_or(0, |a| a.len())
+    }
+
     /// Makes sure the arena holds at least `bytes`, so that later calls allocate nothing.
     pub fn reserve_arena(&self, bytes: usize) -> Result<()> {
         let mut st = self.state.lock();

@@ -31,6 +31,9 @@ use plan::{Buf, VolumePlan};
 use preprocess::NormStats;
 use std::time::Instant;
 
+/// Device memory left free by the default budget (CUDA context growth, cuBLASLt, fragmentation).
+pub const MEMORY_MARGIN: usize = 1 << 30;
+
 /// Overlap of the sliding windows (HF `forward_test` hard-codes 0.5; spec §6.8 step 9).
 pub const OVERLAP: f64 = 0.5;
 
@@ -207,8 +210,16 @@ pub fn segment(
         check_prompt(p, dims)?;
     }
 
-    // Every buffer of the run, known before the first launch, in one allocation.
-    let plan = VolumePlan::fit(cfg, b.dtype(), dims, opts.batch, opts.mem_limit)?;
+    // Every buffer of the run, known before the first launch, in one allocation. Without a
+    // budget, a device that reports its free memory is held to it (less a margin), counting
+    // what the model already holds.
+    let limit = opts.mem_limit.or_else(|| {
+        b.free_memory().map(|free| {
+            (free + model.weights().device_bytes + model.arena_bytes())
+                .saturating_sub(MEMORY_MARGIN)
+        })
+    });
+    let plan = VolumePlan::fit(cfg, b.dtype(), dims, opts.batch, limit)?;
     model.reserve_arena(plan.call.arena_bytes)?;
     let region = b.alloc(plan.volume_bytes)?;
     let at = |x: Buf| region.at(plan.offset(x));

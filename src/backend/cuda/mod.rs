@@ -888,6 +888,10 @@ impl KernelDevice for CudaDevice {
         true
     }
 
+    fn free_memory(&self) -> Option<usize> {
+        self.device_info().ok().map(|i| i.free_bytes)
+    }
+
     fn range_push(&self, name: &str) {
         CudaDevice::range_push(self, name)
     }

@@ -117,6 +117,10 @@ pub trait KernelDevice: Send + Sync {
     /// As for [`super::Backend::gemm`].
     unsafe fn gemm(&self, args: &GemmArgs, dtype: DType) -> Result<()>;
 
+    /// Device memory free now, if the device knows.
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
     /// Whether [`KernelDevice::begin_capture`] is supported.
     fn supports_graphs(&self) -> bool {
         false

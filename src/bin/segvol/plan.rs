@@ -60,7 +60,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
         });
     let limit = match &a.mem_limit {
         Some(s) => Some(parse_size(s)?),
-        None => None,
+        // The device's free memory, when one is at hand (planning itself needs none).
+        None => a
+            .device
+            .open()
+            .ok()
+            .and_then(|b| b.free_memory())
+            .map(|f| f.saturating_sub(segvol::pipeline::MEMORY_MARGIN)),
     };
     match &a.shape {
         Some(shape) => {
