@@ -17,7 +17,7 @@
 # GPU_CHECK_BUDGET_S (total seconds, default 470), SEGVOL_CUDA_SYNC=1 (name a faulting kernel).
 set -uo pipefail
 
-TESTS=(cuda_device parity model_call pipeline_tiny) # run in this order, those that exist
+TESTS=(cuda_device parity_attention parity_model_ops parity_volume_ops model_call pipeline_tiny) # in this order, those that exist
 SLOW_TESTS=(model_call pipeline_tiny)               # their #[ignore] full-size fixtures
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -55,7 +55,7 @@ fi
 OUTDIR=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUTDIR"
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-470}))
-export SEGVOL_TEST_DEVICES=cuda RUST_BACKTRACE=1 CARGO_TERM_COLOR=never
+export SEGVOL_TEST_DEVICES=${SEGVOL_TEST_DEVICES:-cuda:f32,cuda:bf16} RUST_BACKTRACE=1 CARGO_TERM_COLOR=never
 SUMMARY=()
 FAILED=0
 
