@@ -35,68 +35,95 @@ __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
 
 #if EMU_HOST_EMULATION
 namespace model {
-inline float elem(unsigned reg, int hi, bool bf16) {
+template <bool BF16>
+inline float elem(unsigned reg, int hi) {
     const unsigned short h = static_cast<unsigned short>(hi ? reg >> 16 : reg & 0xffffu);
-    return bf16 ? emu::bf16_bits_to_float(h) : emu::half_bits_to_float(h);
+    return BF16 ? emu::bf16_bits_to_float(h) : emu::half_bits_to_float(h);
 }
 inline void need_full_warp(unsigned participants, const char* what) {
     if (participants != 0xffffffffu) emu::fail("%s needs all 32 lanes of the warp (lanes 0x%08x took part)", what, participants);
 }
-// One warp all-gather of the fragment registers, then each lane computes its own 4 accumulators,
-// summing k in order in f32 (products of 16-bit floats are exact in f32).
-inline void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4], bool bf16) {
-    struct Frag {
-        unsigned a[4];
-        unsigned b[2];
-    };
-    const Frag mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+// N mma.sync.m16n8k16 sharing one A fragment, d[n] = A * B[n] + c[n] (d may alias c): one warp
+// all-gather of the fragment registers (A, then the N B fragments: 16 + 8N <= 64 bytes, one
+// exchange slot), then each lane computes its own 4 accumulators of each product, summing k in
+// order in f32 (products of 16-bit floats are exact in f32). A lane decodes only what its
+// outputs read: rows g and g + 8 of A (held by lanes 4g .. 4g+3) and columns 2t, 2t + 1 of B
+// (held by lanes 8t .. 8t+3 and 8t+4 .. 8t+7).
+template <int N, bool BF16>
+inline void mma_16816(float (*d)[4], const unsigned (&a)[4], const unsigned (*b)[2], const float (*c)[4]) {
+    static_assert(N >= 1 && 16 + 8 * N <= 64, "the fragments of one lane must fit one 64-byte exchange slot");
+    unsigned mine[4 + 2 * N];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    for (int n = 0; n < N; ++n) {
+        mine[4 + 2 * n] = b[n][0];
+        mine[5 + 2 * n] = b[n][1];
+    }
     unsigned part;
-    const unsigned char* s = emu::warp_exchange(0xffffffffu, &mine, sizeof(Frag), "mma.sync.m16n8k16", &part);
+    const unsigned char* s = emu::warp_exchange(0xffffffffu, mine, sizeof(mine), "mma.sync.m16n8k16", &part);
     need_full_warp(part, "mma.sync.m16n8k16");
-    Frag all[32];
-    for (int l = 0; l < 32; ++l) std::memcpy(&all[l], s + 64 * l, sizeof(Frag));
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; ++l) {
-        const int g = l >> 2, t = l & 3;
-        for (int reg = 0; reg < 4; ++reg) {
-            const int row = g + ((reg & 1) ? 8 : 0), col = 2 * t + ((reg & 2) ? 8 : 0);
-            A[row][col] = elem(all[l].a[reg], 0, bf16);
-            A[row][col + 1] = elem(all[l].a[reg], 1, bf16);
-        }
-        for (int reg = 0; reg < 2; ++reg) {
-            const int k = 2 * t + (reg ? 8 : 0);
-            B[k][g] = elem(all[l].b[reg], 0, bf16);
-            B[k + 1][g] = elem(all[l].b[reg], 1, bf16);
-        }
-    }
     const int lane = static_cast<int>(emu::lane_id()), g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 4; ++i) {
-        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
-        float acc = c[i];
-        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-        d[i] = acc;
+    // Ap[k] = (A[g][k], A[g][k], A[g+8][k], A[g+8][k]) and Bp[n][k] = (B[k][2t], B[k][2t+1], B[k][2t],
+    // B[k][2t+1]) of product n: each product's 4 accumulators are one 4-wide multiply-add per k
+    // (GCC vector extension: per-lane IEEE f32 multiply and add, no contraction).
+    typedef float v4f __attribute__((vector_size(16)));
+    v4f Ap[16];
+    for (int q = 0; q < 4; ++q) {
+        unsigned ar[4];
+        std::memcpy(ar, s + 64 * (4 * g + q), sizeof(ar));  // lane 4g+q: columns 2q, 2q+1 (+8)
+        for (int reg = 0; reg < 4; ++reg) {
+            const int r = reg & 1, k = 2 * q + ((reg & 2) ? 8 : 0);
+            Ap[k][2 * r] = Ap[k][2 * r + 1] = elem<BF16>(ar[reg], 0);
+            Ap[k + 1][2 * r] = Ap[k + 1][2 * r + 1] = elem<BF16>(ar[reg], 1);
+        }
     }
+    v4f Bp[N][16];
+    for (int n = 0; n < N; ++n) {
+        for (int j = 0; j < 2; ++j) {
+            for (int q = 0; q < 4; ++q) {
+                unsigned br[2];
+                std::memcpy(br, s + 64 * (4 * (2 * t + j) + q) + 16 + 8 * n, sizeof(br));  // rows 2q, 2q+1 (+8)
+                Bp[n][2 * q][j] = Bp[n][2 * q][j + 2] = elem<BF16>(br[0], 0);
+                Bp[n][2 * q + 1][j] = Bp[n][2 * q + 1][j + 2] = elem<BF16>(br[0], 1);
+                Bp[n][2 * q + 8][j] = Bp[n][2 * q + 8][j + 2] = elem<BF16>(br[1], 0);
+                Bp[n][2 * q + 9][j] = Bp[n][2 * q + 9][j + 2] = elem<BF16>(br[1], 1);
+            }
+        }
+    }
+    // N independent 4-wide chains (k outer), each summed in k order.
+    v4f acc[N];
+#pragma GCC unroll 8
+    for (int n = 0; n < N; ++n) acc[n] = v4f{c[n][0], c[n][1], c[n][2], c[n][3]};
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; ++k) {
+#pragma GCC unroll 8
+        for (int n = 0; n < N; ++n) acc[n] += Ap[k] * Bp[n][k];
+    }
+    for (int n = 0; n < N; ++n)
+        for (int i = 0; i < 4; ++i) d[n][i] = acc[n][i];
 }
+// Each lane fetches only the row addresses it reads (every row is read by some lane, so every
+// row address is still checked for alignment).
 template <int N, bool TRANS>
 inline void ldmatrix(unsigned (&r)[N], const void* p) {
     unsigned part;
     const unsigned char* s = emu::warp_exchange(0xffffffffu, &p, sizeof(p), "ldmatrix", &part);
     need_full_warp(part, "ldmatrix");
-    const unsigned short* rows[32];
-    for (int l = 0; l < 8 * N; ++l) {
-        std::memcpy(&rows[l], s + 64 * l, sizeof(void*));
-        if (reinterpret_cast<uintptr_t>(rows[l]) & 15u) emu::fail("ldmatrix: row address of lane %d is not 16-byte aligned", l);
-    }
     const int lane = static_cast<int>(emu::lane_id());
+    auto row = [s](int l) {
+        const unsigned short* q;
+        std::memcpy(&q, s + 64 * l, sizeof(q));
+        if (reinterpret_cast<uintptr_t>(q) & 15u) emu::fail("ldmatrix: row address of lane %d is not 16-byte aligned", l);
+        return q;
+    };
     for (int j = 0; j < N; ++j) {
         unsigned lo, hi;
         if (!TRANS) {
-            const unsigned short* row = rows[8 * j + lane / 4];
-            lo = row[2 * (lane % 4)];
-            hi = row[2 * (lane % 4) + 1];
+            const unsigned short* q = row(8 * j + lane / 4);
+            lo = q[2 * (lane % 4)];
+            hi = q[2 * (lane % 4) + 1];
         } else {
-            lo = rows[8 * j + 2 * (lane % 4)][lane / 4];
-            hi = rows[8 * j + 2 * (lane % 4) + 1][lane / 4];
+            lo = row(8 * j + 2 * (lane % 4))[lane / 4];
+            hi = row(8 * j + 2 * (lane % 4) + 1)[lane / 4];
         }
         r[j] = lo | (hi << 16);
     }
@@ -114,7 +141,7 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast
 // D = A * B + C, m16n8k16, bf16 inputs, f32 accumulators (d may alias c).
 __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
 #if EMU_HOST_EMULATION
-    model::mma_16816(d, a, b, c, true);
+    model::mma_16816<1, true>(&d, a, &b, &c);
 #else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
@@ -126,12 +153,34 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const unsigned 
 // D = A * B + C, m16n8k16, f16 inputs, f32 accumulators (d may alias c).
 __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
 #if EMU_HOST_EMULATION
-    model::mma_16816(d, a, b, c, false);
+    model::mma_16816<1, false>(&d, a, &b, &c);
 #else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// N (1..6) independent mma.sync.m16n8k16 sharing the A fragment, accumulating in place:
+// d[n] += A * B[n]. On the GPU these are N instructions; the emulator models them with one warp
+// exchange instead of N (same per-lane arithmetic as the single-instruction model).
+template <int N>
+__device__ __forceinline__ void mma_m16n8k16_bf16_xn(float (&d)[N][4], const unsigned (&a)[4], const unsigned (&b)[N][2]) {
+#if EMU_HOST_EMULATION
+    model::mma_16816<N, true>(d, a, b, d);
+#else
+#pragma unroll
+    for (int n = 0; n < N; ++n) mma_m16n8k16_bf16(d[n], a, b[n], d[n]);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void mma_m16n8k16_f16_xn(float (&d)[N][4], const unsigned (&a)[4], const unsigned (&b)[N][2]) {
+#if EMU_HOST_EMULATION
+    model::mma_16816<N, false>(d, a, b, d);
+#else
+#pragma unroll
+    for (int n = 0; n < N; ++n) mma_m16n8k16_f16(d[n], a, b[n], d[n]);
 #endif
 }
 
