@@ -30,21 +30,19 @@ constexpr unsigned FULL = 0xffffffffu;
 constexpr unsigned FLAG_NON_FINITE = 1u;  // a NaN or infinite value was seen
 constexpr unsigned FLAG_FRACTION = 2u;    // a finite non-integer value was seen
 
-// One block's partial result of a statistics or min/max reduction. 32 bytes; the layout is read
-// by `Part::from_bytes` in src/backend/kernel/volume.rs.
+// One block's partial result of a count or min/max reduction. 24 bytes; the layout is read by
+// `Part::from_bytes` in src/backend/kernel/volume.rs.
 struct __align__(8) Part {
-    double sum;                // offset 0
-    unsigned long long count;  // offset 8
-    float mn;                  // offset 16
-    float mx;                  // offset 20
-    unsigned flags;            // offset 24
-    unsigned pad;              // offset 28
+    unsigned long long count;  // offset 0
+    float mn;                  // offset 8
+    float mx;                  // offset 12
+    unsigned flags;            // offset 16
+    unsigned pad;              // offset 20
 };
-static_assert(sizeof(Part) == 32, "Part layout is shared with the Rust launch code");
+static_assert(sizeof(Part) == 24, "Part layout is shared with the Rust launch code");
 
 __device__ __forceinline__ Part part_identity() {
     Part p;
-    p.sum = 0.0;
     p.count = 0ull;
     p.mn = INFINITY;
     p.mx = -INFINITY;
@@ -54,7 +52,6 @@ __device__ __forceinline__ Part part_identity() {
 }
 
 __device__ __forceinline__ Part part_combine(Part a, const Part& b) {
-    a.sum += b.sum;
     a.count += b.count;
     a.mn = fminf(a.mn, b.mn);
     a.mx = fmaxf(a.mx, b.mx);
@@ -64,7 +61,6 @@ __device__ __forceinline__ Part part_combine(Part a, const Part& b) {
 
 __device__ __forceinline__ Part part_shfl_xor(const Part& p, int o) {
     Part q;
-    q.sum = __shfl_xor_sync(FULL, p.sum, o);
     q.count = __shfl_xor_sync(FULL, p.count, o);
     q.mn = __shfl_xor_sync(FULL, p.mn, o);
     q.mx = __shfl_xor_sync(FULL, p.mx, o);
@@ -192,7 +188,7 @@ __device__ __forceinline__ void for_run(const float* __restrict__ t, long long b
 // 1. t[(w * H + h) * D + d] = x[(d * H + h) * W + w], through 32 x 128 (d x w) shared-memory tiles
 // (reads coalesced along w, writes along d), and each block's min, max and flags (non-finite,
 // non-integer) in parts[block]. Grid (blocks, grid-stride over H * ceil(D/32) * ceil(W/128)
-// tiles), block (32, 8); dynamic shared memory 32 * 129 * 4 + 256 * 32 bytes.
+// tiles), block (32, 8); dynamic shared memory 32 * 129 * 4 + 256 * 24 bytes.
 extern "C" __global__ void sv_vol_transpose_cm_f32(const float* __restrict__ x, long long D, long long H, long long W,
                                                    float* __restrict__ t, volume::Part* parts) {
     using namespace volume;
@@ -286,7 +282,7 @@ EMU_KERNEL(sv_vol_chunk_sums_f32);
 
 // 3a. Per segment s of 8192 values of t (one block each): parts[s] = the count, min and max of
 // its values > thr. Thread i owns values [32 i, 32 i + 32) of the segment. Grid (segments),
-// block (256); dynamic shared memory 256 * 32 bytes.
+// block (256); dynamic shared memory 256 * 24 bytes.
 extern "C" __global__ void sv_vol_seg_count_f32(const float* __restrict__ t, long long n, float thr,
                                                 volume::Part* parts) {
     using namespace volume;
@@ -396,7 +392,7 @@ EMU_KERNEL(sv_vol_hist_f32);
 
 // Second stage of every reduction: one block of 256 threads; thread t folds parts t, t + 256, ...
 // in order, then the block combines the threads in a fixed order. Dynamic shared memory
-// 256 * 32 bytes. `out` is one Part.
+// 256 * 24 bytes. `out` is one Part.
 extern "C" __global__ void sv_vol_reduce_parts_f32(const volume::Part* parts, int nparts, volume::Part* out) {
     using namespace volume;
     EMU_DYN_SHARED(Part, sh);
@@ -415,7 +411,7 @@ EMU_KERNEL(sv_vol_reduce_parts_f32);
 
 // z = (min(max(x, lo), hi) - mean) / std, and each block's (min, max) of z in parts[block].mn/.mx
 // (numpy's clip is minimum(maximum(x, lo), hi); fminf/fmaxf ignore a NaN operand as Rust's
-// min/max do). Dynamic shared memory 256 * 32 bytes.
+// min/max do). Dynamic shared memory 256 * 24 bytes.
 extern "C" __global__ void sv_clip_zscore_f32(const float* x, float* out, long long n, int vec, float lo, float hi,
                                               float mean, float std, volume::Part* parts) {
     using namespace volume;

@@ -1,7 +1,7 @@
 //! Launch code of `kernels/volume.cu`: the pipeline's volume ops (spec §6.2–§6.9, contract in
 //! [`crate::backend`], "Volume ops"), on any [`KernelDevice`].
 //!
-//! Reductions run in two stages: each block writes one 32-byte partial (`Part`) to the
+//! Reductions run in two stages: each block writes one 24-byte partial (`Part`) to the
 //! [`Scratch`] buffer, `sv_vol_reduce_parts_f32` combines them in a fixed order, and only that
 //! one result is downloaded. Each thread's share of the data and every combination order depend
 //! only on the problem size, so the results are bit-identical from run to run and under any
@@ -24,7 +24,7 @@ const BLOCK: u32 = 256;
 const BOX_BLOCK: Dim3 = [32, 8, 1];
 const BOX_ROWS: usize = 8;
 /// Bytes of one `volume::Part`.
-const PART_BYTES: usize = 32;
+const PART_BYTES: usize = 24;
 /// At most this many reduction blocks (~8 per SM of an H200, 132 SMs): enough to saturate
 /// HBM, few enough that each thread reduces many values and the second stage is one block.
 const MAX_RED_BLOCKS: usize = 1024;
@@ -51,7 +51,6 @@ const FLAG_FRACTION: u32 = 2;
 /// One combined reduction result, as `volume::Part` lays it out.
 #[derive(Clone, Copy, Debug)]
 struct Part {
-    // offset 0: the f64 `sum` field, unused by the host.
     count: u64,
     mn: f32,
     mx: f32,
@@ -63,10 +62,10 @@ impl Part {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         Part {
-            count: u64_at(8),
-            mn: f32::from_bits(u32_at(16)),
-            mx: f32::from_bits(u32_at(20)),
-            flags: u32_at(24),
+            count: u64_at(0),
+            mn: f32::from_bits(u32_at(8)),
+            mx: f32::from_bits(u32_at(12)),
+            flags: u32_at(16),
         }
     }
 }
@@ -161,7 +160,7 @@ unsafe fn read_part(dev: &dyn KernelDevice, addr: Addr) -> Result<Part> {
 /// The second stage: combines `nparts` Parts at `parts` into one at `out`.
 ///
 /// `sv_vol_reduce_parts_f32(const Part* parts, int nparts, Part* out)`: grid 1, block 256,
-/// 256 * 32 bytes of shared memory.
+/// 256 * 24 bytes of shared memory.
 unsafe fn reduce_parts(
     dev: &dyn KernelDevice,
     parts: Addr,
@@ -458,7 +457,7 @@ pub unsafe fn foreground_stats(
 /// equal `x`.
 ///
 /// `sv_clip_zscore_f32(const float* x, float* out, long long n, int vec, float lo, float hi,
-/// float mean, float std, Part* parts)`: grid `min(ceil(n / 1024), 1024)`, block 256, 8 KiB of
+/// float mean, float std, Part* parts)`: grid `min(ceil(n / 1024), 1024)`, block 256, 6 KiB of
 /// shared memory; then `sv_vol_reduce_parts_f32`.
 ///
 /// # Safety
