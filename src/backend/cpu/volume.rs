@@ -287,6 +287,24 @@ impl BlockScan {
     }
 }
 
+/// The statistics error for a volume without voxels (shared with the kernel backend).
+pub(crate) fn err_empty_volume() -> Error {
+    Error::Input("empty volume: no voxels".into())
+}
+
+/// The statistics error for a NaN or infinite voxel (shared with the kernel backend).
+pub(crate) fn err_non_finite() -> Error {
+    Error::Input("volume contains NaN or infinite values".into())
+}
+
+/// The statistics error for a volume with no voxel above its mean `threshold` (shared with the
+/// kernel backend).
+pub(crate) fn err_no_foreground(threshold: f32) -> Error {
+    Error::Input(format!(
+        "no voxel above the mean intensity {threshold} (constant volume): nothing to normalise"
+    ))
+}
+
 /// Foreground statistics of a `(D, H, W)` volume read from a NIfTI file (spec §6.2), summed in
 /// the official order: numpy's C order of the `(X, Y, Z)` array, [`Traversal::ColumnMajor`].
 pub fn foreground_stats(x: &[f32], dims: [usize; 3]) -> Result<ForegroundStats> {
@@ -316,7 +334,7 @@ pub fn foreground_stats(x: &[f32], dims: [usize; 3]) -> Result<ForegroundStats> 
 pub fn foreground_stats_ordered(x: &[f32], order: Traversal) -> Result<ForegroundStats> {
     let n = x.len();
     if n == 0 {
-        return Err(Error::Input("empty volume: no voxels".into()));
+        return Err(err_empty_volume());
     }
     order.check(n)?;
     match order {
@@ -352,15 +370,11 @@ fn foreground_stats_linear(x: &[f32]) -> Result<ForegroundStats> {
         .iter()
         .fold(BlockScan::of(&[], threshold), |a, &b| a.merge(b));
     if scan.non_finite {
-        return Err(Error::Input(
-            "volume contains NaN or infinite values".into(),
-        ));
+        return Err(err_non_finite());
     }
     let count = scan.count;
     if count == 0 {
-        return Err(Error::Input(format!(
-            "no voxel above the mean intensity {threshold} (constant volume): nothing to normalise"
-        )));
+        return Err(err_no_foreground(threshold));
     }
     let mut prefix = Vec::with_capacity(blocks.len() + 1);
     let mut acc = 0usize;
@@ -446,27 +460,43 @@ fn foreground_percentiles(
                     a
                 },
             );
-        // Cumulative counts: the k-th smallest is the first bin whose cumulative count > k.
-        let mut cum = Vec::with_capacity(span);
-        let mut acc = 0u64;
-        for &c in &hist[..span] {
-            acc += c as u64;
-            cum.push(acc);
-        }
-        let kth = |k: usize| {
-            let bin = cum.partition_point(|&c| c <= k as u64);
-            (base + bin as f64) as f32
-        };
-        (
-            percentile_linear(count, 0.05, kth),
-            percentile_linear(count, 99.95, kth),
-        )
+        percentiles_from_histogram(&hist[..span], fg_min, count)
     } else {
-        let mut f: Vec<f32> = x.par_iter().copied().filter(|&v| v > threshold).collect();
-        let lo = order_stats(&mut f, count, 0.05);
-        let hi = order_stats(&mut f, count, 99.95);
-        (lo, hi)
+        percentiles_by_selection(x, threshold, count)
     }
+}
+
+/// The 0.05th and 99.95th percentiles of `count` integer values given as a histogram: `hist[b]`
+/// values equal `base + b` (`count` = the sum of `hist`). The `k`-th smallest is the first bin
+/// whose cumulative count exceeds `k`. Shared with the kernel backend, whose device builds
+/// the histogram.
+pub(crate) fn percentiles_from_histogram(hist: &[u32], base: f32, count: usize) -> (f64, f64) {
+    let base = base as f64;
+    let mut cum = Vec::with_capacity(hist.len());
+    let mut acc = 0u64;
+    for &c in hist {
+        acc += c as u64;
+        cum.push(acc);
+    }
+    debug_assert_eq!(acc, count as u64);
+    let kth = |k: usize| {
+        let bin = cum.partition_point(|&c| c <= k as u64);
+        (base + bin as f64) as f32
+    };
+    (
+        percentile_linear(count, 0.05, kth),
+        percentile_linear(count, 99.95, kth),
+    )
+}
+
+/// The 0.05th and 99.95th percentiles of the `count` values `{v in x : v > threshold}` by
+/// copy and selection (any values). Shared with the kernel backend for non-integer volumes.
+pub(crate) fn percentiles_by_selection(x: &[f32], threshold: f32, count: usize) -> (f64, f64) {
+    let mut f: Vec<f32> = x.par_iter().copied().filter(|&v| v > threshold).collect();
+    debug_assert_eq!(f.len(), count);
+    let lo = order_stats(&mut f, count, 0.05);
+    let hi = order_stats(&mut f, count, 99.95);
+    (lo, hi)
 }
 
 /// One percentile of `f` by selection (reorders `f`).
