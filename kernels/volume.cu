@@ -501,8 +501,10 @@ extern "C" __global__ void sv_threshold_u8_f32(const float* __restrict__ x, unsi
 EMU_KERNEL(sv_threshold_u8_f32);
 
 // out[i] = cnt[i] > 0 ? acc[i] / cnt[i] : acc[i] (the sliding-window average, spec §6.8 step 7).
-extern "C" __global__ void sv_divide_counts_f32(const float* __restrict__ acc, const float* __restrict__ cnt,
-                                                float* __restrict__ out, long long n, int vec) {
+// `out` may equal `acc` (in place: each element is read, then written, by the same thread),
+// so neither is __restrict__.
+extern "C" __global__ void sv_divide_counts_f32(const float* acc, const float* __restrict__ cnt,
+                                                float* out, long long n, int vec) {
     const long long tid = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     auto avg = [](float a, float c) { return c > 0.f ? a / c : a; };

@@ -398,6 +398,10 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> String;
     /// Storage dtype of weights and activations.
     fn dtype(&self) -> DType;
+    /// The same device storing `dtype` instead (sharing its memory, streams and kernels), for
+    /// the parts of the model worth running in another precision (the CLIP tower runs in f32:
+    /// it costs ~1 GFLOP once per distinct text).
+    fn with_dtype(&self, dtype: DType) -> Result<std::sync::Arc<dyn Backend>>;
     /// Whether device addresses are host addresses, so that f32 weights already in host
     /// memory (a memory-mapped checkpoint) can be used in place instead of copied.
     fn host_addressable(&self) -> bool {

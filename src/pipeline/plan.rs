@@ -271,8 +271,9 @@ mod tests {
         assert_eq!(p.volume_bytes, 5_325_717_504);
         let sum: usize = p.buffers.iter().map(|b| b.bytes.div_ceil(256) * 256).sum();
         assert!(p.volume_bytes < sum);
-        // Weights: 182,178,176 bf16 values (see model::tests).
-        assert!((364_356_352..364_356_352 + 256 * 500).contains(&p.call.weight_bytes));
+        // Weights: 118,618,240 bf16 values and the text tower's 63,559,936 f32 (model::tests).
+        let w = 118_618_240 * 2 + 63_559_936 * 4;
+        assert!((w..w + 256 * 500).contains(&p.call.weight_bytes));
     }
 
     #[test]

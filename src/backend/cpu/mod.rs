@@ -166,6 +166,16 @@ impl Backend for CpuBackend {
         true
     }
 
+    fn with_dtype(&self, dtype: DType) -> Result<std::sync::Arc<dyn Backend>> {
+        match dtype {
+            DType::F32 => Ok(std::sync::Arc::new(*self)),
+            other => Err(Error::Device {
+                device: DEVICE.into(),
+                msg: format!("the CPU backend computes in f32 only, not {other}"),
+            }),
+        }
+    }
+
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
         let layout = Layout::from_size_align(bytes.max(1), ALIGN)
             .map_err(|_| Error::OutOfMemory(format!("cpu: cannot allocate {bytes} bytes")))?;

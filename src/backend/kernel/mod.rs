@@ -203,7 +203,7 @@ impl<D: KernelDevice> KernelBackend<D> {
     }
 }
 
-impl<D: KernelDevice> Backend for KernelBackend<D> {
+impl<D: KernelDevice + Clone + 'static> Backend for KernelBackend<D> {
     fn name(&self) -> String {
         self.dev.name()
     }
@@ -212,6 +212,12 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     }
     fn host_addressable(&self) -> bool {
         self.dev.host_addressable()
+    }
+    fn with_dtype(&self, dtype: DType) -> Result<std::sync::Arc<dyn Backend>> {
+        Ok(std::sync::Arc::new(KernelBackend::new(
+            self.dev.clone(),
+            dtype,
+        )?))
     }
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
         self.dev.alloc(bytes)

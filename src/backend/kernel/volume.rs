@@ -782,8 +782,13 @@ pub unsafe fn divide_counts(
     check_addr(dev, op, "acc", acc, n, 4)?;
     check_addr(dev, op, "cnt", cnt, n, 4)?;
     check_addr(dev, op, "out", out, n, 4)?;
-    if overlaps(out, n * 4, acc, n * 4) || overlaps(out, n * 4, cnt, n * 4) {
-        return Err(bad(dev, op, "out overlaps acc or cnt"));
+    // In place (out == acc) is allowed; any other overlap is not.
+    if (out != acc && overlaps(out, n * 4, acc, n * 4)) || overlaps(out, n * 4, cnt, n * 4) {
+        return Err(bad(
+            dev,
+            op,
+            "out overlaps acc or cnt (only out == acc is allowed)",
+        ));
     }
     if n == 0 {
         return Ok(());
