@@ -19,7 +19,7 @@
 //     weights, so the output is a convex combination of v rows with normalised weights within
 //     ~2^-7 (bf16) / 2^-10 (f16) relative of the exact softmax, accumulated in f32; scores, max,
 //     sum and O are f32. The output is then rounded to the storage type (another 2^-8 in bf16),
-//     which dominates the measured error (docs/kernels-attention.md).
+//     which dominates the measured error (docs/kernels.md).
 //   sv_attention_f32: SIMT, f32 FMA (fmaf) throughout; a block of 4 warps owns 32 query rows (8
 //     per warp), tiles of 32 keys (one key per lane for the scores, one output column per lane
 //     for P·V). Head dims 1..128.

@@ -60,7 +60,8 @@
 //     launch with an error. Fiber stacks are 128 KiB (EMU_FIBER_STACK_KB): keep large per-thread
 //     arrays in shared memory.
 // 15. No std:: functions or constexpr host functions in device code (nvcc runs without
-//     --expt-relaxed-constexpr): use CUDA's math (fminf, expf, min/max), INFINITY, FLT_MAX.
+//     --expt-relaxed-constexpr): use CUDA's math (fminf, expf, min/max) and INFINITY. FLT_MAX
+//     is not defined under nvcc without <cfloat>: write the constant (3.402823466e+38f).
 //
 // Emulator-only extras (under EMU_HOST_EMULATION): `emu::fail(fmt, ...)` ends the launch with an
 // error naming the kernel, block and thread; EMU_KERNEL_AS("name", fn) registers under a name.

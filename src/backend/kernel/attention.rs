@@ -1,7 +1,7 @@
 //! Launch code of `kernels/attention.cu`: fused multi-head attention (DESIGN.md op `attention`,
 //! [`AttentionArgs`]; spec §1.3 ViT self-attention, §3 CLIP causal self-attention, §4.2
 //! two-way-transformer self and cross attention). Kernel design and costs:
-//! docs/kernels-attention.md.
+//! docs/kernels.md.
 //!
 //! bf16 / f16 run the tensor-core kernels `sv_attention_d{16,32,48,64,96,128}_{bf16,f16}`, picked
 //! by the head dim rounded up to the next of those sizes; f32 runs the SIMT kernel
