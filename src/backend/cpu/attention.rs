@@ -1,9 +1,12 @@
 //! Fused multi-head attention (spec §1.3, §3, §4.2; DESIGN.md "attention"): online softmax over
-//! blocks of keys, f32 throughout, never holding more than a `Q_BLOCK x K_BLOCK` tile of scores.
+//! blocks of keys, f32 throughout; a task never holds more than one (query block x key block)
+//! tile of scores, so the 12 x 2048 x 2048 score tensor of the ViT is never materialised.
 //!
-//! Work is split over (batch, head, block of queries) with rayon. For each task, a loop over key
-//! blocks computes `S = scale * Q K^T` and `O += P V` with single-threaded `gemm` calls (packed
-//! AVX-512 micro-kernels), with the running max / sum of the softmax in between.
+//! Work is split over (batch, head, block of queries) with rayon. Two implementations:
+//! - AVX-512 ([`avx512`]): K^T and V of each head are packed once per call; register-tiled
+//!   micro-kernels compute `S = scale * Q K^T` and `O += P V`, with the online softmax
+//!   (vectorised exp, running max and sum per query) in between;
+//! - portable: the same loop with single-threaded `gemm` crate products per key block.
 
 use super::{bad_args, check_addr, math, SendPtr};
 use crate::backend::AttentionArgs;
@@ -14,9 +17,9 @@ use std::cell::RefCell;
 
 const OP: &str = "attention";
 
-/// Queries per task.
+/// Queries per task (portable path).
 const Q_BLOCK: usize = 128;
-/// Keys per step of the online softmax.
+/// Keys per step of the online softmax (portable path).
 const K_BLOCK: usize = 512;
 
 thread_local! {
@@ -270,7 +273,7 @@ fn tree<const N: usize>(mut v: [f32; N], f: impl Fn(f32, f32) -> f32) -> f32 {
 math::multiversion_fma! {
     /// Online-softmax step on one row of scores: returns the new running max and the sum of
     /// `p = exp(s - max)` over the first `valid` entries; writes `p` there and 0 after.
-    pub fn softmax_block(row: &mut [f32], valid: usize, m_old: f32) -> (f32, f32) => softmax_block_body;
+    pub(crate) fn softmax_block(row: &mut [f32], valid: usize, m_old: f32) -> (f32, f32) => softmax_block_body;
 }
 
 /// The AVX-512 path: K^T and V of every head are packed once (K transposed so that keys are
@@ -284,10 +287,10 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    /// Queries per task.
-    const QB: usize = 96;
+    /// Queries per task (a multiple of the micro-tile height).
+    const QB: usize = 48;
     /// Keys per online-softmax step.
-    const KB: usize = 256;
+    const KB: usize = 512;
     /// Query rows of a micro-tile.
     const MR: usize = 6;
 
@@ -673,13 +676,13 @@ mod profile {
             unsafe { avx512::block(&a, 0, 0, 96, &kt, &vm, SendPtr(out.as_mut_ptr())) };
             best = best.min(t.elapsed().as_secs_f64());
         }
-        let fl = 4.0 * (96 * nk * hd) as f64;
+        let fl = 4.0 * (48 * nk * hd) as f64;
         println!(
-            "one 96-query block: {:.3} ms, {:.1} GF/s",
+            "one 48-query block: {:.3} ms, {:.1} GF/s",
             best * 1e3,
             fl / best / 1e9
         );
-        let a1 = AttentionArgs { nq: 96, ..a };
+        let a1 = AttentionArgs { nq: 48, ..a };
         let mut best = f64::MAX;
         pool.install(|| {
             for _ in 0..300 {
