@@ -3,7 +3,7 @@
 //! tile of scores, so the 12 x 2048 x 2048 score tensor of the ViT is never materialised.
 //!
 //! Work is split over (batch, head, block of queries) with rayon. Two implementations:
-//! - AVX-512 ([`avx512`]): K^T and V of each head are packed once per call; register-tiled
+//! - AVX-512 (module `avx512`): K^T and V of each head are packed once per call; register-tiled
 //!   micro-kernels compute `S = scale * Q K^T` and `O += P V`, with the online softmax
 //!   (vectorised exp, running max and sum per query) in between;
 //! - portable: the same loop with single-threaded `gemm` crate products per key block.
