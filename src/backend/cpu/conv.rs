@@ -118,7 +118,7 @@ unsafe fn chunk(a: &ConvT3dArgs, s: usize, r0: usize, nrows: usize, out: SendPtr
         while r < nrows {
             let (di, h0) = ((r0 + r) / h, (r0 + r) % h);
             let run = (h - h0).min(nrows - r);
-            for o in 0..cout {
+            for (o, &bo) in bias.iter().enumerate() {
                 for ka in 0..2 {
                     let off = ((s * cout + o) * od + 2 * di + ka) * oh * ow + 2 * h0 * ow;
                     // SAFETY: rows 2h0 .. 2(h0+run) of plane (o, 2d+a) belong to this chunk.
@@ -129,7 +129,7 @@ unsafe fn chunk(a: &ConvT3dArgs, s: usize, r0: usize, nrows: usize, out: SendPtr
                         let col = o * 8 + ka * 4 + kp * 2;
                         let y0 = &y[col * nv + hr * w..col * nv + (hr + 1) * w];
                         let y1 = &y[(col + 1) * nv + hr * w..(col + 1) * nv + (hr + 1) * w];
-                        interleave_bias(y0, y1, dst, bias[o]);
+                        interleave_bias(y0, y1, dst, bo);
                     }
                     math::act_slice(region, a.act);
                 }
