@@ -227,7 +227,119 @@ fn ops() -> Vec<Op> {
             unsafe { CpuBackend::new().conv_transpose3d_k2s2(&c1).unwrap() }
         }),
     });
+    ops.push(vit_layer(&be));
     ops
+}
+
+/// One whole pre-norm ViT block at full size (spec §1.3): LayerNorm, QKV, attention,
+/// out-projection + residual, LayerNorm, MLP with GELU, MLP + residual: 41.9 GFLOP.
+fn vit_layer(be: &CpuBackend) -> Op {
+    use segvol::backend::LayerNormArgs;
+    let t = 2048;
+    let x = filled(be, t * 768, 21);
+    let h = filled(be, t * 768, 22);
+    let qkv = filled(be, t * 2304, 23);
+    let att = filled(be, t * 768, 24);
+    let mlp = filled(be, t * 3072, 25);
+    let wqkv = filled(be, 2304 * 768, 26);
+    let wo = filled(be, 768 * 768, 27);
+    let w1 = filled(be, 3072 * 768, 28);
+    let w2 = filled(be, 768 * 3072, 29);
+    // Weights of order 1/sqrt(fan-in) and LayerNorm gains near 1, so that activations stay
+    // of order 1 across repeats; the MLP's GELU sees pre-activations of standard deviation
+    // about 1.4 (a realistic share of inputs on erf's expensive branch).
+    let rescale = |b: &Buffer, n: usize, s: f32, offset: f32| {
+        let mut v = vec![0f32; n];
+        unsafe { be.download(b.addr(), bytemuck::cast_slice_mut(&mut v)).unwrap() };
+        v.iter_mut().for_each(|x| *x = *x * s + offset);
+        unsafe { be.upload(b.addr(), bytemuck::cast_slice(&v)).unwrap() };
+    };
+    let fan = |k: usize| 1.0 / (k as f32).sqrt();
+    rescale(&wqkv, 2304 * 768, 2.0 * fan(768), 0.0);
+    rescale(&wo, 768 * 768, 2.0 * fan(768), 0.0);
+    rescale(&w1, 3072 * 768, 5.0 * fan(768), 0.0);
+    rescale(&w2, 768 * 3072, 2.0 * fan(3072), 0.0);
+    let bias = filled(be, 3072, 30);
+    let lnw = filled(be, 768, 31);
+    rescale(&lnw, 768, 0.2, 1.0);
+    let lnb = filled(be, 768, 32);
+    let lin = |a: u64, w: u64, c: u64, n: usize, k: usize, b: Option<u64>, act, res: bool| GemmArgs {
+        batch: 1,
+        m: t,
+        n,
+        k,
+        a,
+        lda: k,
+        batch_stride_a: 0,
+        b: w,
+        ldb: k,
+        batch_stride_b: 0,
+        b_trans: true,
+        c,
+        ldc: n,
+        batch_stride_c: 0,
+        alpha: 1.0,
+        bias: b,
+        act,
+        residual: res.then_some(Residual {
+            addr: c,
+            ld: n,
+            batch_stride: 0,
+        }),
+    };
+    let ln = LayerNormArgs {
+        x: x.addr(),
+        out: h.addr(),
+        rows: t,
+        cols: 768,
+        weight: lnw.addr(),
+        bias: lnb.addr(),
+        eps: 1e-5,
+    };
+    let g_qkv = lin(h.addr(), wqkv.addr(), qkv.addr(), 2304, 768, None, Act::None, false);
+    let attn = AttentionArgs {
+        batch: 1,
+        heads: 12,
+        nq: t,
+        nk: t,
+        head_dim: 64,
+        q: qkv.addr(),
+        q_row: 2304,
+        q_batch: 0,
+        k: qkv.at(768 * 4),
+        k_row: 2304,
+        k_batch: 0,
+        v: qkv.at(1536 * 4),
+        v_row: 2304,
+        v_batch: 0,
+        out: att.addr(),
+        o_row: 768,
+        o_batch: 0,
+        scale: 0.125,
+        causal: false,
+    };
+    let g_o = lin(att.addr(), wo.addr(), x.addr(), 768, 768, Some(bias.addr()), Act::None, true);
+    let g_1 = lin(h.addr(), w1.addr(), mlp.addr(), 3072, 768, Some(bias.addr()), Act::Gelu, false);
+    let g_2 = lin(mlp.addr(), w2.addr(), x.addr(), 768, 3072, Some(bias.addr()), Act::None, true);
+    let keep = (x, h, qkv, att, mlp, wqkv, wo, w1, w2, bias, lnw, lnb);
+    Op {
+        group: "vit",
+        name: "block_2048x768_12heads_mlp3072",
+        flops: 41.9e9,
+        run: Box::new(move || {
+            let _ = &keep;
+            let be = CpuBackend::new();
+            unsafe {
+                be.layer_norm(&ln).unwrap();
+                be.gemm(&g_qkv).unwrap();
+                be.attention(&attn).unwrap();
+                be.gemm(&g_o).unwrap();
+                be.layer_norm(&ln).unwrap();
+                be.gemm(&g_1).unwrap();
+                be.gemm(&g_2).unwrap();
+            }
+        }),
+    }
 }
 
 fn main() {
