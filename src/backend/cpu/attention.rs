@@ -869,6 +869,7 @@ mod tests {
             (5, 1, 32),
             (1, 9, 17),
             (257, 1029, 64),
+            (20, 37, 130),
         ] {
             for causal in [false, true] {
                 seed += 1;

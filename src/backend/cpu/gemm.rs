@@ -83,7 +83,12 @@ pub unsafe fn gemm_f32(args: &GemmArgs) -> Result<()> {
     let work = m.saturating_mul(n).saturating_mul(args.k.max(1));
     let threads = rayon::current_num_threads();
     if work < SMALL_WORK || threads == 1 {
-        // Small products: whole batch items as tasks (one task when batch = 1).
+        // Small products: whole batch items as tasks (on the calling thread when batch = 1).
+        if args.batch == 1 {
+            // SAFETY: as the caller guarantees.
+            unsafe { gemm_block(args, 0, 0..m, 0..n) };
+            return Ok(());
+        }
         (0..args.batch).into_par_iter().for_each(|b| {
             // SAFETY: batch items write disjoint C blocks (batch_stride_c != 0, checked).
             unsafe { gemm_block(args, b, 0..m, 0..n) }
