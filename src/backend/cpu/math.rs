@@ -642,6 +642,19 @@ mod tests {
     }
 
     #[test]
+    fn gelu_on_every_short_length() {
+        // Partial vectors and blocks: lengths 0..=600 over values that hit every erff branch.
+        let xs: Vec<f32> = (0..600).map(|i| ((i * 37) % 601) as f32 * 0.05 - 15.0).collect();
+        for len in 0..=xs.len() {
+            let mut y = xs[..len].to_vec();
+            act_slice(&mut y, Act::Gelu);
+            for (g, &x) in y.iter().zip(&xs) {
+                assert!(same(*g, Act::Gelu.apply(x)), "len {len}: gelu({x}) = {g}");
+            }
+        }
+    }
+
+    #[test]
     fn relu_and_quick_gelu_match_the_definition() {
         let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.3) * 0.037).collect();
         for act in [Act::Relu, Act::QuickGelu, Act::None] {
