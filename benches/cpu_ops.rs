@@ -250,7 +250,10 @@ fn vit_layer(be: &CpuBackend) -> Op {
     // about 1.4 (a realistic share of inputs on erf's expensive branch).
     let rescale = |b: &Buffer, n: usize, s: f32, offset: f32| {
         let mut v = vec![0f32; n];
-        unsafe { be.download(b.addr(), bytemuck::cast_slice_mut(&mut v)).unwrap() };
+        unsafe {
+            be.download(b.addr(), bytemuck::cast_slice_mut(&mut v))
+                .unwrap()
+        };
         v.iter_mut().for_each(|x| *x = *x * s + offset);
         unsafe { be.upload(b.addr(), bytemuck::cast_slice(&v)).unwrap() };
     };
@@ -263,30 +266,31 @@ fn vit_layer(be: &CpuBackend) -> Op {
     let lnw = filled(be, 768, 31);
     rescale(&lnw, 768, 0.2, 1.0);
     let lnb = filled(be, 768, 32);
-    let lin = |a: u64, w: u64, c: u64, n: usize, k: usize, b: Option<u64>, act, res: bool| GemmArgs {
-        batch: 1,
-        m: t,
-        n,
-        k,
-        a,
-        lda: k,
-        batch_stride_a: 0,
-        b: w,
-        ldb: k,
-        batch_stride_b: 0,
-        b_trans: true,
-        c,
-        ldc: n,
-        batch_stride_c: 0,
-        alpha: 1.0,
-        bias: b,
-        act,
-        residual: res.then_some(Residual {
-            addr: c,
-            ld: n,
-            batch_stride: 0,
-        }),
-    };
+    let lin =
+        |a: u64, w: u64, c: u64, n: usize, k: usize, b: Option<u64>, act, res: bool| GemmArgs {
+            batch: 1,
+            m: t,
+            n,
+            k,
+            a,
+            lda: k,
+            batch_stride_a: 0,
+            b: w,
+            ldb: k,
+            batch_stride_b: 0,
+            b_trans: true,
+            c,
+            ldc: n,
+            batch_stride_c: 0,
+            alpha: 1.0,
+            bias: b,
+            act,
+            residual: res.then_some(Residual {
+                addr: c,
+                ld: n,
+                batch_stride: 0,
+            }),
+        };
     let ln = LayerNormArgs {
         x: x.addr(),
         out: h.addr(),
@@ -296,7 +300,16 @@ fn vit_layer(be: &CpuBackend) -> Op {
         bias: lnb.addr(),
         eps: 1e-5,
     };
-    let g_qkv = lin(h.addr(), wqkv.addr(), qkv.addr(), 2304, 768, None, Act::None, false);
+    let g_qkv = lin(
+        h.addr(),
+        wqkv.addr(),
+        qkv.addr(),
+        2304,
+        768,
+        None,
+        Act::None,
+        false,
+    );
     let attn = AttentionArgs {
         batch: 1,
         heads: 12,
@@ -318,9 +331,36 @@ fn vit_layer(be: &CpuBackend) -> Op {
         scale: 0.125,
         causal: false,
     };
-    let g_o = lin(att.addr(), wo.addr(), x.addr(), 768, 768, Some(bias.addr()), Act::None, true);
-    let g_1 = lin(h.addr(), w1.addr(), mlp.addr(), 3072, 768, Some(bias.addr()), Act::Gelu, false);
-    let g_2 = lin(mlp.addr(), w2.addr(), x.addr(), 768, 3072, Some(bias.addr()), Act::None, true);
+    let g_o = lin(
+        att.addr(),
+        wo.addr(),
+        x.addr(),
+        768,
+        768,
+        Some(bias.addr()),
+        Act::None,
+        true,
+    );
+    let g_1 = lin(
+        h.addr(),
+        w1.addr(),
+        mlp.addr(),
+        3072,
+        768,
+        Some(bias.addr()),
+        Act::Gelu,
+        false,
+    );
+    let g_2 = lin(
+        mlp.addr(),
+        w2.addr(),
+        x.addr(),
+        768,
+        3072,
+        Some(bias.addr()),
+        Act::None,
+        true,
+    );
     let keep = (x, h, qkv, att, mlp, wqkv, wo, w1, w2, bias, lnw, lnb);
     Op {
         group: "vit",

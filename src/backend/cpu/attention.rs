@@ -282,7 +282,7 @@ math::multiversion_fma! {
 /// in between.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{softmax_block, AttentionArgs, SendPtr};
+    use super::{AttentionArgs, SendPtr};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
@@ -308,6 +308,90 @@ mod avx512 {
 
     pub fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    /// `e^x` for `x <= 0` (AVX-512): Cody-Waite reduction, degree-6 polynomial and `vscalefps`
+    /// for the power of two (which also flushes the far tail to 0); same accuracy as
+    /// [`super::math::exp_nonpos`].
+    #[inline(always)]
+    unsafe fn exp512(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let p = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// [`super::softmax_block`] for the AVX-512 path: `row.len()` is a multiple of 16.
+    #[inline(always)]
+    unsafe fn softmax_row(row: &mut [f32], valid: usize, m_old: f32) -> (f32, f32) {
+        unsafe {
+            let p = row.as_mut_ptr();
+            let full = valid / 16;
+            let tail = (valid % 16) as u32;
+            let tail_mask: __mmask16 = ((1u32 << tail) - 1) as __mmask16;
+            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+            let (mut m0, mut m1) = (ninf, ninf);
+            let mut i = 0;
+            while i + 1 < full {
+                m0 = _mm512_max_ps(m0, _mm512_loadu_ps(p.add(16 * i)));
+                m1 = _mm512_max_ps(m1, _mm512_loadu_ps(p.add(16 * i + 16)));
+                i += 2;
+            }
+            if i < full {
+                m0 = _mm512_max_ps(m0, _mm512_loadu_ps(p.add(16 * i)));
+            }
+            if tail > 0 {
+                m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(ninf, tail_mask, p.add(16 * full)));
+            }
+            let m_new = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)).max(m_old);
+            let mv = _mm512_set1_ps(m_new);
+            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut i = 0;
+            while i + 1 < full {
+                let y0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i)), mv));
+                let y1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i + 16)), mv));
+                _mm512_storeu_ps(p.add(16 * i), y0);
+                _mm512_storeu_ps(p.add(16 * i + 16), y1);
+                s0 = _mm512_add_ps(s0, y0);
+                s1 = _mm512_add_ps(s1, y1);
+                i += 2;
+            }
+            if i < full {
+                let y = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i)), mv));
+                _mm512_storeu_ps(p.add(16 * i), y);
+                s0 = _mm512_add_ps(s0, y);
+            }
+            let mut next = full;
+            if tail > 0 {
+                // Masked-off lanes become exact zeros (keys past `valid`).
+                let x = _mm512_maskz_loadu_ps(tail_mask, p.add(16 * full));
+                let y = _mm512_maskz_mov_ps(tail_mask, exp512(_mm512_sub_ps(x, mv)));
+                _mm512_storeu_ps(p.add(16 * full), y);
+                s1 = _mm512_add_ps(s1, y);
+                next += 1;
+            }
+            for v in next..row.len() / 16 {
+                _mm512_storeu_ps(p.add(16 * v), _mm512_setzero_ps());
+            }
+            (m_new, _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)))
+        }
     }
 
     /// `S[r][16v + l] = scale * Σ_e Q[r][e] Kt[e][16v + l]` for `r < R`, `v < V`.
@@ -548,7 +632,8 @@ mod avx512 {
                         srow.fill(0.0);
                         continue;
                     }
-                    let (m_new, psum) = softmax_block(srow, valid, mx[r]);
+                    // SAFETY: srow has cols16 (a multiple of 16) elements, valid <= cols16.
+                    let (m_new, psum) = unsafe { softmax_row(srow, valid, mx[r]) };
                     let corr = (mx[r] - m_new).exp();
                     sum[r] = sum[r] * corr + psum;
                     mx[r] = m_new;

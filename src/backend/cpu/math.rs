@@ -644,7 +644,9 @@ mod tests {
     #[test]
     fn gelu_on_every_short_length() {
         // Partial vectors and blocks: lengths 0..=600 over values that hit every erff branch.
-        let xs: Vec<f32> = (0..600).map(|i| ((i * 37) % 601) as f32 * 0.05 - 15.0).collect();
+        let xs: Vec<f32> = (0..600)
+            .map(|i| ((i * 37) % 601) as f32 * 0.05 - 15.0)
+            .collect();
         for len in 0..=xs.len() {
             let mut y = xs[..len].to_vec();
             act_slice(&mut y, Act::Gelu);
