@@ -444,6 +444,20 @@ pub fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// ln 2 split for the Cody-Waite reduction of the softmax exp: `ln 2 = [0] + [1]`, with `[0]`
+/// short enough that `n * [0]` is exact.
+pub const EXP_LN2: [f32; 2] = [0.693_359_4, -2.121_944_4e-4];
+
+/// Cephes' `expf` polynomial: `e^r ~ 1 + r + r^2 (c0 r^5 + ... + c5)` on |r| <= ln2 / 2.
+pub const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    5.000_000_1e-1,
+];
+
 /// `e^x` for `x <= 0` (softmax weights): Cody-Waite reduction and a degree-6 polynomial,
 /// relative error below 3e-7 down to 2^-126; 0 below about -87.4 (and for -inf).
 #[inline(always)]
@@ -452,14 +466,12 @@ pub fn exp_nonpos<const FMA: bool>(x: f32) -> f32 {
     let xc = x.max(-88.5);
     let t = fmadd::<FMA>(xc, std::f32::consts::LOG2_E, MAGIC);
     let n = t - MAGIC;
-    let r = fmadd::<FMA>(n, -0.693_359_4, xc);
-    let r = fmadd::<FMA>(n, 2.121_944_4e-4, r);
-    let mut p = 1.987_569_1e-4;
-    p = fmadd::<FMA>(p, r, 1.398_199_9e-3);
-    p = fmadd::<FMA>(p, r, 8.333_452e-3);
-    p = fmadd::<FMA>(p, r, 4.166_579_6e-2);
-    p = fmadd::<FMA>(p, r, 1.666_666_5e-1);
-    p = fmadd::<FMA>(p, r, 5.000_000_1e-1);
+    let r = fmadd::<FMA>(n, -EXP_LN2[0], xc);
+    let r = fmadd::<FMA>(n, -EXP_LN2[1], r);
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = fmadd::<FMA>(p, r, c);
+    }
     let p = fmadd::<FMA>(p, r * r, r) + 1.0;
     // n sits in the low mantissa bits of t; 2^n as bits, 0 when n < -126.
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
