@@ -3,7 +3,7 @@
 //! backend, spec §7.3), a fast exp for softmax, and the slice kernels built on them.
 //!
 //! Every hot slice kernel is compiled three times (AVX-512, AVX2+FMA, baseline) from one
-//! generic body and picked at run time ([`multiversion!`]). Rust never contracts `a * b + c`
+//! generic body and picked at run time (`multiversion!`). Rust never contracts `a * b + c`
 //! into an FMA, so the vector code rounds exactly like the scalar code.
 
 #![allow(clippy::excessive_precision)]
