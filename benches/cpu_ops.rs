@@ -1,6 +1,7 @@
 //! CPU backend op throughput at the full-size SegVol shapes (spec §8.3): the ViT GEMMs with the
 //! epilogues the model uses, fused attention 12 x 2048 x 2048 x 64, the two decoder
-//! ConvTranspose3d layers and the joint LayerNorm between them.
+//! ConvTranspose3d layers and the joint LayerNorm between them, exact GELU, and one whole ViT
+//! block.
 //!
 //! Criterion's throughput is set to each op's FLOP count, so its `thrpt` line reads directly in
 //! GFLOP/s ("Gelem/s"); a table of medians in GFLOP/s follows at the end. Threads: rayon's
@@ -225,6 +226,27 @@ fn ops() -> Vec<Op> {
         run: Box::new(move || {
             let _ = &keep;
             unsafe { CpuBackend::new().conv_transpose3d_k2s2(&c1).unwrap() }
+        }),
+    });
+    // Exact GELU at the MLP's size, out of place: inputs uniform in [-2.4, 2.4] (standard
+    // deviation 1.4), about a third of them on erf's exp branch.
+    let gx = filled(&be, t * 3072, 16);
+    let go = filled(&be, t * 3072, 17);
+    let ga = segvol::backend::ActArgs {
+        x: gx.addr(),
+        out: go.addr(),
+        n: t * 3072,
+        scale: 4.8,
+        act: Act::Gelu,
+    };
+    ops.push(Op {
+        group: "elementwise",
+        // Counted as one "FLOP" per element.
+        name: "gelu_6291456",
+        flops: (t * 3072) as f64,
+        run: Box::new(move || {
+            let _ = (&gx, &go);
+            unsafe { CpuBackend::new().activation(&ga).unwrap() }
         }),
     });
     ops.push(vit_layer(&be));

@@ -551,7 +551,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(
+    unsafe fn block(
         a: &AttentionArgs,
         b: usize,
         h: usize,
@@ -680,113 +680,6 @@ mod avx512 {
                 }
             }
         });
-    }
-}
-
-#[cfg(all(test, target_arch = "x86_64"))]
-mod profile {
-    use super::*;
-
-    /// Single-threaded timing of one query block against 2048 keys (min over many runs, so
-    /// that a busy machine still gives the uncontended figure).
-    #[test]
-    #[ignore]
-    fn profile_block() {
-        if !avx512::available() {
-            return;
-        }
-        let (nq, nk, hd) = (2048usize, 2048usize, 64usize);
-        let q: Vec<f32> = (0..nq * 3 * 768)
-            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
-            .collect();
-        let mut out = vec![0f32; nq * 768];
-        let a = AttentionArgs {
-            batch: 1,
-            heads: 1,
-            nq,
-            nk,
-            head_dim: hd,
-            q: q.as_ptr() as u64,
-            q_row: 2304,
-            q_batch: 0,
-            k: q.as_ptr() as u64 + 768 * 4,
-            k_row: 2304,
-            k_batch: 0,
-            v: q.as_ptr() as u64 + 1536 * 4,
-            v_row: 2304,
-            v_batch: 0,
-            out: out.as_mut_ptr() as u64,
-            o_row: 768,
-            o_batch: 0,
-            scale: 0.125,
-            causal: false,
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let mut best = f64::MAX;
-        pool.install(|| {
-            for _ in 0..30 {
-                let t = std::time::Instant::now();
-                unsafe { avx512::run(&a) };
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-        });
-        let fl = 4.0 * (nq * nk * hd) as f64;
-        println!(
-            "one head 2048x2048x64: {:.2} ms, {:.1} GF/s",
-            best * 1e3,
-            fl / best / 1e9
-        );
-        // One 96-query block, packed K/V prepared by a first run.
-        let hd16 = 64;
-        let ldk = 2048 + 16;
-        let mut kt = vec![0f32; hd * ldk];
-        let mut vm = vec![0f32; nk * hd16];
-        for j in 0..nk {
-            for e in 0..hd {
-                kt[e * ldk + j] = q[j * 2304 + 768 + e];
-                vm[j * hd16 + e] = q[j * 2304 + 1536 + e];
-            }
-        }
-        let mut best = f64::MAX;
-        for _ in 0..300 {
-            let t = std::time::Instant::now();
-            unsafe { avx512::block(&a, 0, 0, 96, &kt, &vm, SendPtr(out.as_mut_ptr())) };
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        let fl = 4.0 * (48 * nk * hd) as f64;
-        println!(
-            "one 48-query block: {:.3} ms, {:.1} GF/s",
-            best * 1e3,
-            fl / best / 1e9
-        );
-        let a1 = AttentionArgs { nq: 48, ..a };
-        let mut best = f64::MAX;
-        pool.install(|| {
-            for _ in 0..300 {
-                let t = std::time::Instant::now();
-                unsafe { avx512::run(&a1) };
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-        });
-        println!("pack + one block: {:.3} ms", best * 1e3);
-        let mut best = f64::MAX;
-        let row: Vec<f32> = (0..256).map(|i| (i % 37) as f32 * 0.1 - 1.0).collect();
-        let mut srow = row.clone();
-        for _ in 0..200 {
-            let t = std::time::Instant::now();
-            for _ in 0..96 * 8 {
-                srow.copy_from_slice(&row);
-                std::hint::black_box(softmax_block(&mut srow, 256, 0.5));
-            }
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        println!(
-            "softmax for one 96-query block x 2048 keys: {:.3} ms",
-            best * 1e3
-        );
     }
 }
 
