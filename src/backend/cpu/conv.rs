@@ -112,41 +112,44 @@ unsafe fn chunk(a: &ConvT3dArgs, s: usize, r0: usize, nrows: usize, out: SendPtr
         // SAFETY: bias holds cout values.
         let bias = unsafe { std::slice::from_raw_parts(a.bias as *const f32, cout) };
         let (od, oh, ow) = (2 * d, 2 * h, 2 * w);
-        for o in 0..cout {
-            for ap in 0..4 {
-                let (ka, kp) = (ap / 2, ap % 2);
-                let y0 = &y[(o * 8 + ap * 2) * nv..(o * 8 + ap * 2 + 1) * nv];
-                let y1 = &y[(o * 8 + ap * 2 + 1) * nv..(o * 8 + ap * 2 + 2) * nv];
-                for r in 0..nrows {
-                    let (di, hi) = ((r0 + r) / h, (r0 + r) % h);
-                    let off = ((s * cout + o) * od + 2 * di + ka) * oh * ow + (2 * hi + kp) * ow;
-                    // SAFETY: the output row (o, 2d+a, 2h+p, 0..2W) belongs to this chunk.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.add(off), ow) };
-                    scatter_row(
-                        &y0[r * w..(r + 1) * w],
-                        &y1[r * w..(r + 1) * w],
-                        dst,
-                        bias[o],
-                        a.act,
-                    );
+        // Runs of input rows with the same depth d: their outputs in plane (o, 2d+a) are the
+        // consecutive rows 2h0 .. 2h1, so bias and activation run over one contiguous region.
+        let mut r = 0;
+        while r < nrows {
+            let (di, h0) = ((r0 + r) / h, (r0 + r) % h);
+            let run = (h - h0).min(nrows - r);
+            for (o, &bo) in bias.iter().enumerate() {
+                for ka in 0..2 {
+                    let off = ((s * cout + o) * od + 2 * di + ka) * oh * ow + 2 * h0 * ow;
+                    // SAFETY: rows 2h0 .. 2(h0+run) of plane (o, 2d+a) belong to this chunk.
+                    let region =
+                        unsafe { std::slice::from_raw_parts_mut(out.add(off), 2 * run * ow) };
+                    for (i, dst) in region.chunks_exact_mut(ow).enumerate() {
+                        let (hr, kp) = (r + i / 2, i % 2);
+                        let col = o * 8 + ka * 4 + kp * 2;
+                        let y0 = &y[col * nv + hr * w..col * nv + (hr + 1) * w];
+                        let y1 = &y[(col + 1) * nv + hr * w..(col + 1) * nv + (hr + 1) * w];
+                        interleave_bias(y0, y1, dst, bo);
+                    }
+                    math::act_slice(region, a.act);
                 }
             }
+            r += run;
         }
     });
 }
 
 #[inline(always)]
-fn scatter_row_body(y0: &[f32], y1: &[f32], dst: &mut [f32], bias: f32, act: crate::backend::Act) {
+fn interleave_bias_body(y0: &[f32], y1: &[f32], dst: &mut [f32], bias: f32) {
     for ((pair, &e), &f) in dst.chunks_exact_mut(2).zip(y0).zip(y1) {
         pair[0] = e + bias;
         pair[1] = f + bias;
     }
-    math::act_slice(dst, act);
 }
 
 math::multiversion! {
-    /// `dst[2w] = act(y0[w] + bias)`, `dst[2w+1] = act(y1[w] + bias)`.
-    fn scatter_row(y0: &[f32], y1: &[f32], dst: &mut [f32], bias: f32, act: crate::backend::Act) => scatter_row_body;
+    /// `dst[2w] = y0[w] + bias`, `dst[2w+1] = y1[w] + bias`.
+    fn interleave_bias(y0: &[f32], y1: &[f32], dst: &mut [f32], bias: f32) => interleave_bias_body;
 }
 
 #[cfg(test)]

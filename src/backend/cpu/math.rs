@@ -3,7 +3,7 @@
 //! backend, spec §7.3), a fast exp for softmax, and the slice kernels built on them.
 //!
 //! Every hot slice kernel is compiled three times (AVX-512, AVX2+FMA, baseline) from one
-//! generic body and picked at run time ([`multiversion!`]). Rust never contracts `a * b + c`
+//! generic body and picked at run time (`multiversion!`). Rust never contracts `a * b + c`
 //! into an FMA, so the vector code rounds exactly like the scalar code.
 
 #![allow(clippy::excessive_precision)]
@@ -348,62 +348,84 @@ fn gelu_hard(x: f32) -> f32 {
 /// element pays only for its own branch.
 #[cfg(target_arch = "x86_64")]
 mod gelu512 {
-    use super::{gelu, gelu_easy, gelu_hard};
+    use super::{gelu_easy, gelu_hard};
     use std::arch::x86_64::*;
 
+    /// Elements per compaction round.
     const BLOCK: usize = 512;
 
+    /// GELU in place on `x` (any length).
+    ///
     /// # Safety
     /// The CPU must have AVX-512 F/DQ/BW/VL.
     #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")]
     pub unsafe fn gelu_slice(x: &mut [f32]) {
-        let mut hard = [0f32; BLOCK];
+        // The hard lanes, rounded up to whole vectors (the padding lanes hold stale values
+        // and are computed and discarded).
+        let mut hard = [0f32; BLOCK + 16];
         let mut masks = [0u16; BLOCK / 16];
+        let mut blocks = x.chunks_exact_mut(BLOCK);
+        for block in &mut blocks {
+            // SAFETY: BLOCK / 16 whole vectors.
+            unsafe { vectors(block, &mut hard, &mut masks) };
+        }
+        let rest = blocks.into_remainder();
+        let nv = rest.len() / 16;
+        let (full, tail) = rest.split_at_mut(nv * 16);
+        // SAFETY: whole vectors.
+        unsafe { vectors(full, &mut hard, &mut masks) };
+        if !tail.is_empty() {
+            // The last partial vector goes through a zero-padded copy.
+            let mut v = [0f32; 16];
+            v[..tail.len()].copy_from_slice(tail);
+            // SAFETY: one whole vector.
+            unsafe { vectors(&mut v, &mut hard, &mut masks) };
+            tail.copy_from_slice(&v[..tail.len()]);
+        }
+    }
+
+    /// GELU on `x.len() / 16 <= BLOCK / 16` whole vectors.
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn vectors(x: &mut [f32], hard: &mut [f32; BLOCK + 16], masks: &mut [u16; BLOCK / 16]) {
+        let nv = x.len() / 16;
+        debug_assert!(nv * 16 == x.len() && nv <= BLOCK / 16);
         let scale = _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2);
         let abs = _mm512_set1_epi32(0x7fff_ffff);
         let (lo, hi) = (
             _mm512_set1_epi32(0x3fa0_0000),
             _mm512_set1_epi32(0x40c0_0000),
         );
-        for block in x.chunks_mut(BLOCK) {
-            let nv = block.len() / 16;
-            let mut m = 0usize;
-            for (v, mask) in masks.iter_mut().enumerate().take(nv) {
-                // SAFETY: 16 elements at 16 v lie in the block; `hard` has room for all.
+        // Compress the inputs that need erff's exp branch (1.25 <= |x / sqrt 2| < 6).
+        let mut m = 0usize;
+        for (v, mask) in masks.iter_mut().enumerate().take(nv) {
+            // SAFETY: vector v lies in x; `hard` has room for every lane of the block.
+            unsafe {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(16 * v));
+                let ix = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(xv, scale)), abs);
+                let k = _mm512_cmpge_epu32_mask(ix, lo) & _mm512_cmplt_epu32_mask(ix, hi);
+                *mask = k;
+                _mm512_mask_compressstoreu_ps(hard.as_mut_ptr().add(m).cast(), k, xv);
+                m += k.count_ones() as usize;
+            }
+        }
+        for v in x.iter_mut() {
+            *v = gelu_easy(*v);
+        }
+        for v in hard[..m.div_ceil(16) * 16].iter_mut() {
+            *v = gelu_hard(*v);
+        }
+        // Expand the hard results back into their lanes.
+        let mut pos = 0usize;
+        for (v, &k) in masks.iter().enumerate().take(nv) {
+            if k != 0 {
+                // SAFETY: as above; pos + popcount(k) <= m.
                 unsafe {
-                    let xv = _mm512_loadu_ps(block.as_ptr().add(16 * v));
-                    let ix = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(xv, scale)), abs);
-                    let k = _mm512_cmpge_epu32_mask(ix, lo) & _mm512_cmplt_epu32_mask(ix, hi);
-                    *mask = k;
-                    _mm512_mask_compressstoreu_ps(hard.as_mut_ptr().add(m).cast(), k, xv);
-                    m += k.count_ones() as usize;
+                    let p = x.as_mut_ptr().add(16 * v);
+                    let y =
+                        _mm512_mask_expandloadu_ps(_mm512_loadu_ps(p), k, hard.as_ptr().add(pos));
+                    _mm512_storeu_ps(p, y);
                 }
-            }
-            let (full, rest) = block.split_at_mut(nv * 16);
-            for v in full.iter_mut() {
-                *v = gelu_easy(*v);
-            }
-            for v in hard[..m].iter_mut() {
-                *v = gelu_hard(*v);
-            }
-            let mut pos = 0usize;
-            for (v, &k) in masks.iter().enumerate().take(nv) {
-                if k != 0 {
-                    // SAFETY: as above; `pos + popcount(k) <= m`.
-                    unsafe {
-                        let p = full.as_mut_ptr().add(16 * v);
-                        let y = _mm512_mask_expandloadu_ps(
-                            _mm512_loadu_ps(p),
-                            k,
-                            hard.as_ptr().add(pos),
-                        );
-                        _mm512_storeu_ps(p, y);
-                    }
-                    pos += k.count_ones() as usize;
-                }
-            }
-            for v in rest.iter_mut() {
-                *v = gelu(*v);
+                pos += k.count_ones() as usize;
             }
         }
     }
@@ -422,6 +444,20 @@ pub fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// ln 2 split for the Cody-Waite reduction of the softmax exp: `ln 2 = [0] + [1]`, with `[0]`
+/// short enough that `n * [0]` is exact.
+pub const EXP_LN2: [f32; 2] = [0.693_359_4, -2.121_944_4e-4];
+
+/// Cephes' `expf` polynomial: `e^r ~ 1 + r + r^2 (c0 r^5 + ... + c5)` on |r| <= ln2 / 2.
+pub const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    5.000_000_1e-1,
+];
+
 /// `e^x` for `x <= 0` (softmax weights): Cody-Waite reduction and a degree-6 polynomial,
 /// relative error below 3e-7 down to 2^-126; 0 below about -87.4 (and for -inf).
 #[inline(always)]
@@ -430,14 +466,12 @@ pub fn exp_nonpos<const FMA: bool>(x: f32) -> f32 {
     let xc = x.max(-88.5);
     let t = fmadd::<FMA>(xc, std::f32::consts::LOG2_E, MAGIC);
     let n = t - MAGIC;
-    let r = fmadd::<FMA>(n, -0.693_359_4, xc);
-    let r = fmadd::<FMA>(n, 2.121_944_4e-4, r);
-    let mut p = 1.987_569_1e-4;
-    p = fmadd::<FMA>(p, r, 1.398_199_9e-3);
-    p = fmadd::<FMA>(p, r, 8.333_452e-3);
-    p = fmadd::<FMA>(p, r, 4.166_579_6e-2);
-    p = fmadd::<FMA>(p, r, 1.666_666_5e-1);
-    p = fmadd::<FMA>(p, r, 5.000_000_1e-1);
+    let r = fmadd::<FMA>(n, -EXP_LN2[0], xc);
+    let r = fmadd::<FMA>(n, -EXP_LN2[1], r);
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = fmadd::<FMA>(p, r, c);
+    }
     let p = fmadd::<FMA>(p, r * r, r) + 1.0;
     // n sits in the low mantissa bits of t; 2^n as bits, 0 when n < -126.
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
@@ -620,6 +654,21 @@ mod tests {
     }
 
     #[test]
+    fn gelu_on_every_short_length() {
+        // Partial vectors and blocks: lengths 0..=600 over values that hit every erff branch.
+        let xs: Vec<f32> = (0..600)
+            .map(|i| ((i * 37) % 601) as f32 * 0.05 - 15.0)
+            .collect();
+        for len in 0..=xs.len() {
+            let mut y = xs[..len].to_vec();
+            act_slice(&mut y, Act::Gelu);
+            for (g, &x) in y.iter().zip(&xs) {
+                assert!(same(*g, Act::Gelu.apply(x)), "len {len}: gelu({x}) = {g}");
+            }
+        }
+    }
+
+    #[test]
     fn relu_and_quick_gelu_match_the_definition() {
         let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.3) * 0.037).collect();
         for act in [Act::Relu, Act::QuickGelu, Act::None] {
@@ -652,40 +701,5 @@ mod tests {
         assert_eq!(exp_nonpos::<false>(-100.0), 0.0);
         assert_eq!(exp_nonpos::<false>(0.0), 1.0);
         assert_eq!(exp_nonpos::<true>(-0.0), 1.0);
-    }
-}
-
-#[cfg(test)]
-mod profile {
-    use super::*;
-
-    /// Single-threaded GELU cost per element (min over many runs of a cache-resident block).
-    #[test]
-    #[ignore]
-    fn profile_gelu() {
-        for sigma in [0.5f32, 1.0, 3.0] {
-            let x: Vec<f32> = (0..8192)
-                .map(|i| {
-                    // A rough normal sample: sum of 4 uniforms.
-                    let u = |k: u32| {
-                        ((i as u32).wrapping_mul(2654435761).wrapping_add(k * 40503) % 1000) as f32
-                            / 1000.0
-                    };
-                    (u(1) + u(2) + u(3) + u(4) - 2.0) * 1.73 * sigma
-                })
-                .collect();
-            let mut y = x.clone();
-            let mut best = f64::MAX;
-            for _ in 0..500 {
-                y.copy_from_slice(&x);
-                let t = std::time::Instant::now();
-                act_slice(&mut y, Act::Gelu);
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            println!(
-                "gelu sigma {sigma}: {:.3} ns/elem",
-                best * 1e9 / x.len() as f64
-            );
-        }
     }
 }
