@@ -80,6 +80,22 @@ pub unsafe fn gemm_f32(args: &GemmArgs) -> Result<()> {
         return Ok(());
     }
     validate(args)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::sgemm::available() {
+        // SAFETY: validated above; the CPU has AVX-512F.
+        unsafe { super::sgemm::run(args) };
+        return Ok(());
+    }
+    // SAFETY: validated above.
+    unsafe { gemm_portable(args) };
+    Ok(())
+}
+
+/// The portable path: the `gemm` crate per block of C.
+///
+/// # Safety
+/// As [`gemm_f32`], with the arguments validated and `m`, `n`, `batch` nonzero.
+unsafe fn gemm_portable(args: &GemmArgs) {
     let (m, n) = (args.m, args.n);
     let work = m.saturating_mul(n).saturating_mul(args.k.max(1));
     let threads = rayon::current_num_threads();
@@ -88,13 +104,13 @@ pub unsafe fn gemm_f32(args: &GemmArgs) -> Result<()> {
         if args.batch == 1 {
             // SAFETY: as the caller guarantees.
             unsafe { gemm_block(args, 0, 0..m, 0..n) };
-            return Ok(());
+            return;
         }
         (0..args.batch).into_par_iter().for_each(|b| {
             // SAFETY: batch items write disjoint C blocks (batch_stride_c != 0, checked).
             unsafe { gemm_block(args, b, 0..m, 0..n) }
         });
-        return Ok(());
+        return;
     }
     // Large products: one block of rows (or, for few rows, of columns) per thread, each a
     // single-threaded product with its own prologue and epilogue, so that the epilogue finds
@@ -117,7 +133,6 @@ pub unsafe fn gemm_f32(args: &GemmArgs) -> Result<()> {
             }
         });
     }
-    Ok(())
 }
 
 /// Rows (or columns) of C below which a product is not split further between threads.
@@ -300,7 +315,16 @@ mod tests {
         pad: usize,
     }
 
+    /// Runs `c` through the dispatcher (the AVX-512 path where the CPU has it) and through the
+    /// portable path, checking both against the f64 reference.
     fn run(c: &Case, seed: u64) {
+        run_as(c, seed, false, false);
+        run_as(c, seed, true, false);
+    }
+
+    /// One run of `c`: `portable` calls the `gemm` crate path directly; `res_ld0` makes the
+    /// separate residual one row added to every row (ld 0).
+    fn run_as(c: &Case, seed: u64, portable: bool, res_ld0: bool) {
         let be = CpuBackend::new();
         let mut rng = Rng(seed);
         let (m, n, k) = (c.m, c.n, c.k);
@@ -335,7 +359,7 @@ mod tests {
             } else {
                 Residual {
                     addr: rb.addr(),
-                    ld: ldr,
+                    ld: if res_ld0 { 0 } else { ldr },
                     batch_stride: 0,
                 }
             }
@@ -360,7 +384,11 @@ mod tests {
             act: c.act,
             residual,
         };
-        unsafe { be.gemm(&args).unwrap() };
+        if portable {
+            unsafe { gemm_portable(&args) };
+        } else {
+            unsafe { be.gemm(&args).unwrap() };
+        }
         let got = read(&be, cb.addr(), c0.len());
         // Reference, and the untouched gaps of C.
         let mut want: Vec<f64> = c0.iter().map(|&x| x as f64).collect();
@@ -389,7 +417,7 @@ mod tests {
                     };
                     match c.residual {
                         Some(true) => v += c0[b * bsc + i * ldc + j] as f64,
-                        Some(false) => v += rv[i * ldr + j] as f64,
+                        Some(false) => v += rv[if res_ld0 { j } else { i * ldr + j }] as f64,
                         None => {}
                     }
                     want[b * bsc + i * ldc + j] = v;
@@ -398,7 +426,13 @@ mod tests {
         }
         // Activations amplify the f32 rounding of their input by at most |act'| ~ 1.13.
         let scale = (k as f64).sqrt().max(1.0);
-        assert_close(&got, &want, 2e-6 * scale, &format!("gemm m{m} n{n} k{k}"));
+        let path = if portable { "portable" } else { "dispatch" };
+        assert_close(
+            &got,
+            &want,
+            2e-6 * scale,
+            &format!("gemm m{m} n{n} k{k} b_trans {} ({path})", c.b_trans),
+        );
     }
 
     #[test]
@@ -442,6 +476,57 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The AVX-512 blocking (`sgemm`): several row blocks, panel sub-blocks with Ã packed once
+    /// for all of k or per k chunk, several k chunks seeding from C, the in-place-B and
+    /// dot-product paths for few rows, and the scratch path of an activation with an aliased
+    /// residual. On 1- and 2-thread pools, so that the decomposition does not depend on the
+    /// machine's core count.
+    #[test]
+    fn blocked_paths_every_epilogue() {
+        #[rustfmt::skip]
+        let big = [
+            // (batch, m, n, k, b_trans, bias, act, residual, alpha)
+            (1, 430, 1600, 300, true, true, Act::Gelu, None, 1.0),
+            (1, 430, 1600, 300, false, true, Act::None, Some(true), 0.37),
+            (4, 140, 800, 1200, true, false, Act::Relu, Some(false), 1.0),
+        ];
+        #[rustfmt::skip]
+        let small = [
+            (3, 20, 300, 300, false, true, Act::None, Some(false), 1.0),
+            (2, 27, 45, 40, false, false, Act::Gelu, Some(true), 0.5),
+            (2, 3, 70, 100, true, true, Act::Gelu, Some(true), 1.0),
+            (1, 8, 70, 35, true, false, Act::Relu, Some(false), 0.37),
+            (2, 40, 50, 300, true, true, Act::Gelu, Some(true), 1.0),
+            (1, 150, 33, 520, false, true, Act::QuickGelu, None, 1.0),
+        ];
+        let mut seed = 500;
+        for (threads, cases) in [(1, &big[..]), (1, &small[..]), (2, &small[..])] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for &(batch, m, n, k, b_trans, bias, act, residual, alpha) in cases {
+                    seed += 1;
+                    let case = Case {
+                        batch,
+                        m,
+                        n,
+                        k,
+                        b_trans,
+                        bcast_b: seed % 2 == 0,
+                        bias,
+                        act,
+                        residual,
+                        alpha,
+                        pad: (seed % 3) as usize,
+                    };
+                    run_as(&case, seed, false, seed % 3 == 0);
+                }
+            });
         }
     }
 

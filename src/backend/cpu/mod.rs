@@ -14,7 +14,10 @@ pub mod elementwise;
 pub mod gemm;
 pub mod interp;
 pub mod math;
+mod mem;
 pub mod norm;
+#[cfg(target_arch = "x86_64")]
+mod sgemm;
 pub mod volume;
 
 use super::{
@@ -177,11 +180,11 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
-        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
-            .map_err(|_| Error::OutOfMemory(format!("cpu: cannot allocate {bytes} bytes")))?;
-        // Zeroed: costs nothing for large (fresh-mapped) blocks and makes every read defined.
+        let layout = mem::layout(bytes, ALIGN)
+            .ok_or_else(|| Error::OutOfMemory(format!("cpu: cannot allocate {bytes} bytes")))?;
+        // Zeroed, which makes every read defined; large blocks on huge pages (see `mem`).
         // SAFETY: the layout has non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = unsafe { mem::alloc_zeroed(layout) };
         if ptr.is_null() {
             return Err(Error::OutOfMemory(format!(
                 "cpu: allocation of {bytes} bytes failed"
