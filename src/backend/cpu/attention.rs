@@ -276,36 +276,48 @@ math::multiversion_fma! {
     pub(crate) fn softmax_block(row: &mut [f32], valid: usize, m_old: f32) -> (f32, f32) => softmax_block_body;
 }
 
-/// The AVX-512 path: K^T and V of every head are packed once (K transposed so that keys are
-/// contiguous), then register-tiled micro-kernels compute `S = scale * Q K^T` (6 queries x up
-/// to 64 keys) and `O += P V` (6 queries x up to 64 dims) per block, with the online softmax
-/// in between.
+/// The AVX-512 path, FlashAttention-style with GEMM register tiles. Per (batch, head), K is
+/// packed transposed (`Kt[e][key]`, keys zero-padded to whole blocks) and V row-major with
+/// padded width (`V[key][d]`), once per call. A task owns `T` tiles of `MR` = 14 queries of
+/// one head and walks the keys in blocks of `KB`:
+/// - `S = (scale Q) Kt` per tile with the 14 x 32 register tile of the GEMM (`tile`), Q packed
+///   as `[e][14]`;
+/// - the online softmax per tile, vectorised across the tile's 14 rows for the running max,
+///   its correction factor and the running sum;
+/// - `O += P V` with the same register tile, P broadcast from its rows.
+///
+/// Kt / V blocks (`KB x 64` f32 each, 16 KiB) are shared by the task's tiles from L1; the
+/// task's S, P and O stay in L1 too.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::super::math::{EXP_LN2, EXP_POLY};
+    use super::super::mem::Scratch;
+    use super::super::sgemm::{pack_a, transpose16};
     use super::{AttentionArgs, SendPtr};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    /// Queries per task (a multiple of the micro-tile height).
-    const QB: usize = 48;
+    /// Query rows of a register tile (the GEMM's, whose Ã packing packs Q).
+    const MR: usize = super::super::sgemm::MR;
+    /// Columns of a register tile: keys of S, dims of O.
+    const NR: usize = 32;
     /// Keys per online-softmax step.
-    const KB: usize = 512;
-    /// Query rows of a micro-tile.
-    const MR: usize = 6;
+    const KB: usize = 64;
+    /// Register tiles of queries per task.
+    const T: usize = 16;
+    /// Largest `s - running max` the lazy softmax lets through (`e^16` ~ 9e6: no overflow of
+    /// the f32 sums, whose relative precision does not depend on the reference). After the
+    /// first block, a tile's running max is only raised when a score exceeds it by this much;
+    /// the result is the same softmax (the reference cancels in the normalisation).
+    const LAZY_MAX: f32 = 16.0;
 
     thread_local! {
-        static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
     }
 
-    static PACK: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
-
-    /// Row stride of packed K^T: keys rounded up to 16, plus 16 so that consecutive rows do
-    /// not map to the same L1 sets when the key count is a power of two.
-    fn ldk(nk: usize) -> usize {
-        nk.div_ceil(16) * 16 + 16
-    }
+    /// The packed K / V of the last calls, reused (a concurrent call packs into its own).
+    static PACK: std::sync::Mutex<Scratch> = std::sync::Mutex::new(Scratch::new());
 
     pub fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -313,13 +325,18 @@ mod avx512 {
 
     /// `e^x` for `x <= 0` (AVX-512): Cody-Waite reduction, degree-6 polynomial and `vscalefps`
     /// for the power of two (which also flushes the far tail to 0); same accuracy as
-    /// [`super::math::exp_nonpos`].
+    /// [`super::math::exp_nonpos`]. The rounding of `x log2 e` to an integer is an add of
+    /// 1.5 * 2^23 (exact below 2^22, which the clamp guarantees), cheaper than `vrndscaleps`.
     #[inline(always)]
     unsafe fn exp512(x: __m512) -> __m512 {
+        const MAGIC: f32 = 12_582_912.0;
         let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        let t = _mm512_fmadd_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+            _mm512_set1_ps(MAGIC),
         );
+        let n = _mm512_sub_ps(t, _mm512_set1_ps(MAGIC));
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2[0]), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2[1]), r);
         let mut p = _mm512_set1_ps(EXP_POLY[0]);
@@ -333,353 +350,483 @@ mod avx512 {
         _mm512_scalef_ps(p, n)
     }
 
-    /// [`super::softmax_block`] for the AVX-512 path: `row.len()` is a multiple of 16.
+    /// `C[r][0..NR] (+)= Σ_{k < kk} A(r, k) B[k][0..NR]` for the `MR` rows, `A(r, k)` at
+    /// `a + r*ARS + k*ACS`, B rows `ldb` apart (64-byte aligned), C rows `ldc` apart.
     #[inline(always)]
-    unsafe fn softmax_row(row: &mut [f32], valid: usize, m_old: f32) -> (f32, f32) {
-        unsafe {
-            let p = row.as_mut_ptr();
-            let full = valid / 16;
-            let tail = (valid % 16) as u32;
-            let tail_mask: __mmask16 = ((1u32 << tail) - 1) as __mmask16;
-            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-            let (mut m0, mut m1) = (ninf, ninf);
-            let mut i = 0;
-            while i + 1 < full {
-                m0 = _mm512_max_ps(m0, _mm512_loadu_ps(p.add(16 * i)));
-                m1 = _mm512_max_ps(m1, _mm512_loadu_ps(p.add(16 * i + 16)));
-                i += 2;
-            }
-            if i < full {
-                m0 = _mm512_max_ps(m0, _mm512_loadu_ps(p.add(16 * i)));
-            }
-            if tail > 0 {
-                m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(ninf, tail_mask, p.add(16 * full)));
-            }
-            let m_new = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)).max(m_old);
-            let mv = _mm512_set1_ps(m_new);
-            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            let mut i = 0;
-            while i + 1 < full {
-                let y0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i)), mv));
-                let y1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i + 16)), mv));
-                _mm512_storeu_ps(p.add(16 * i), y0);
-                _mm512_storeu_ps(p.add(16 * i + 16), y1);
-                s0 = _mm512_add_ps(s0, y0);
-                s1 = _mm512_add_ps(s1, y1);
-                i += 2;
-            }
-            if i < full {
-                let y = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i)), mv));
-                _mm512_storeu_ps(p.add(16 * i), y);
-                s0 = _mm512_add_ps(s0, y);
-            }
-            let mut next = full;
-            if tail > 0 {
-                // Masked-off lanes become exact zeros (keys past `valid`).
-                let x = _mm512_maskz_loadu_ps(tail_mask, p.add(16 * full));
-                let y = _mm512_maskz_mov_ps(tail_mask, exp512(_mm512_sub_ps(x, mv)));
-                _mm512_storeu_ps(p.add(16 * full), y);
-                s1 = _mm512_add_ps(s1, y);
-                next += 1;
-            }
-            for v in next..row.len() / 16 {
-                _mm512_storeu_ps(p.add(16 * v), _mm512_setzero_ps());
-            }
-            (m_new, _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)))
-        }
-    }
-
-    /// `S[r][16v + l] = scale * Σ_e Q[r][e] Kt[e][16v + l]` for `r < R`, `v < V`.
-    #[inline(always)]
-    unsafe fn s_tile<const R: usize, const V: usize>(
-        q: *const f32,
-        hd: usize,
-        kt: *const f32,
-        ldk: usize,
-        s: *mut f32,
-        lds: usize,
-        scale: f32,
-    ) {
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); V]; R];
-            for e in 0..hd {
-                let mut kv = [_mm512_setzero_ps(); V];
-                for (v, k) in kv.iter_mut().enumerate() {
-                    *k = _mm512_loadu_ps(kt.add(e * ldk + 16 * v));
-                }
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let qb = _mm512_set1_ps(*q.add(r * hd + e));
-                    for (c, k) in row.iter_mut().zip(&kv) {
-                        *c = _mm512_fmadd_ps(qb, *k, *c);
-                    }
-                }
-            }
-            let sc = _mm512_set1_ps(scale);
-            for (r, row) in acc.iter().enumerate() {
-                for (v, c) in row.iter().enumerate() {
-                    _mm512_storeu_ps(s.add(r * lds + 16 * v), _mm512_mul_ps(*c, sc));
-                }
-            }
-        }
-    }
-
-    /// `O[r][16v + l] (+)= Σ_{j < keys} P[r][j] Vm[j][16v + l]` for `r < R`, `v < V`.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pv_tile<const R: usize, const V: usize>(
-        p: *const f32,
-        ldp: usize,
-        vm: *const f32,
-        ldv: usize,
-        o: *mut f32,
-        ldo: usize,
-        keys: usize,
+    unsafe fn tile<const ARS: usize, const ACS: usize>(
+        kk: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
         accumulate: bool,
     ) {
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
             if accumulate {
                 for (r, row) in acc.iter_mut().enumerate() {
-                    for (v, c) in row.iter_mut().enumerate() {
-                        *c = _mm512_loadu_ps(o.add(r * ldo + 16 * v));
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_load_ps(c.add(r * ldc + 16 * v));
                     }
                 }
             }
-            for j in 0..keys {
-                let mut vv = [_mm512_setzero_ps(); V];
-                for (v, x) in vv.iter_mut().enumerate() {
-                    *x = _mm512_loadu_ps(vm.add(j * ldv + 16 * v));
-                }
+            let (mut a, mut b) = (a, b);
+            for _ in 0..kk {
+                let b0 = _mm512_load_ps(b);
+                let b1 = _mm512_load_ps(b.add(16));
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let pb = _mm512_set1_ps(*p.add(r * ldp + j));
-                    for (c, x) in row.iter_mut().zip(&vv) {
-                        *c = _mm512_fmadd_ps(pb, *x, *c);
-                    }
+                    let x = _mm512_set1_ps(*a.add(r * ARS));
+                    row[0] = _mm512_fmadd_ps(x, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(x, b1, row[1]);
                 }
+                a = a.add(ACS);
+                b = b.add(ldb);
             }
             for (r, row) in acc.iter().enumerate() {
-                for (v, c) in row.iter().enumerate() {
-                    _mm512_storeu_ps(o.add(r * ldo + 16 * v), *c);
+                for (v, x) in row.iter().enumerate() {
+                    _mm512_store_ps(c.add(r * ldc + 16 * v), *x);
                 }
             }
         }
     }
 
-    macro_rules! by_rv {
-        ($f:ident, $r:expr, $v:expr, $($arg:expr),*) => {
-            match ($r, $v) {
-                (1, 1) => $f::<1, 1>($($arg),*), (1, 2) => $f::<1, 2>($($arg),*),
-                (1, 3) => $f::<1, 3>($($arg),*), (1, 4) => $f::<1, 4>($($arg),*),
-                (2, 1) => $f::<2, 1>($($arg),*), (2, 2) => $f::<2, 2>($($arg),*),
-                (2, 3) => $f::<2, 3>($($arg),*), (2, 4) => $f::<2, 4>($($arg),*),
-                (3, 1) => $f::<3, 1>($($arg),*), (3, 2) => $f::<3, 2>($($arg),*),
-                (3, 3) => $f::<3, 3>($($arg),*), (3, 4) => $f::<3, 4>($($arg),*),
-                (4, 1) => $f::<4, 1>($($arg),*), (4, 2) => $f::<4, 2>($($arg),*),
-                (4, 3) => $f::<4, 3>($($arg),*), (4, 4) => $f::<4, 4>($($arg),*),
-                (5, 1) => $f::<5, 1>($($arg),*), (5, 2) => $f::<5, 2>($($arg),*),
-                (5, 3) => $f::<5, 3>($($arg),*), (5, 4) => $f::<5, 4>($($arg),*),
-                (6, 1) => $f::<6, 1>($($arg),*), (6, 2) => $f::<6, 2>($($arg),*),
-                (6, 3) => $f::<6, 3>($($arg),*), (6, 4) => $f::<6, 4>($($arg),*),
-                _ => unreachable!("tile {} x {}", $r, $v),
+    /// `S = Q Kt` for one tile and `NR` keys (as [`tile`] with `A` = Q packed `[e][MR]`),
+    /// with the softmax fused into the epilogue against the running max `m_ref` (lane `r` for
+    /// row `r`): writes `p = exp(s - m_ref)` to `p_out` (rows `KB` apart) and adds `p` to the
+    /// row's partial sums `rsum[r]`. Returns the rows where some `s - m_ref > LAZY_MAX`: their
+    /// `p` may be too large, and the caller redoes the block with the exact max.
+    #[inline(always)]
+    unsafe fn s_tile_exp(
+        hd: usize,
+        q: *const f32,
+        kt: *const f32,
+        p_out: *mut f32,
+        m_ref: __m512,
+        rsum: &mut [__m512; MR],
+    ) -> __mmask16 {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            let (mut a, mut b) = (q, kt);
+            for _ in 0..hd {
+                let b0 = _mm512_load_ps(b);
+                let b1 = _mm512_load_ps(b.add(16));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*a.add(r));
+                    row[0] = _mm512_fmadd_ps(x, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(x, b1, row[1]);
+                }
+                a = a.add(MR);
+                b = b.add(KB);
             }
-        };
+            let lim = _mm512_set1_ps(LAZY_MAX);
+            let mut over: __mmask16 = 0;
+            for (r, row) in acc.iter().enumerate() {
+                let mv = _mm512_permutexvar_ps(_mm512_set1_epi32(r as i32), m_ref);
+                let d0 = _mm512_sub_ps(row[0], mv);
+                let d1 = _mm512_sub_ps(row[1], mv);
+                let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_max_ps(d0, d1), lim);
+                over |= ((big != 0) as u16) << r;
+                let p0 = exp512(d0);
+                let p1 = exp512(d1);
+                _mm512_store_ps(p_out.add(r * KB), p0);
+                _mm512_store_ps(p_out.add(r * KB + 16), p1);
+                rsum[r] = _mm512_add_ps(rsum[r], _mm512_add_ps(p0, p1));
+            }
+            over
+        }
     }
 
-    /// Packs, per (batch, head), K^T as `hd x ldk` (keys contiguous, zero-padded) followed by
-    /// V as `nk x hd16` (zero-padded columns), then runs the query blocks in parallel.
+    /// Geometry of one call, shared by every task.
+    struct Geo {
+        hd: usize,
+        /// `hd` rounded up to whole register tiles (`NR`).
+        hdp: usize,
+        /// Keys rounded up to whole blocks (`KB`).
+        nkp: usize,
+    }
+
+    /// Packs K and V of every (batch, head) and runs the tasks.
     ///
     /// # Safety
     /// Validated arguments; the CPU has AVX-512F.
     pub unsafe fn run(a: &AttentionArgs) {
         let hd = a.head_dim;
-        let hd16 = hd.div_ceil(16) * 16;
-        let nk16 = ldk(a.nk);
-        let per = hd * nk16 + a.nk * hd16;
-        let total = a.batch * a.heads * per;
-        // One packing buffer reused across calls (a concurrent call packs into its own).
+        let hdp = hd.div_ceil(NR) * NR;
+        let nkp = a.nk.div_ceil(KB) * KB;
+        let per = hd * nkp + nkp * hdp;
+        let g = Geo { hd, hdp, nkp };
         let mut guard = PACK.try_lock().ok();
-        let mut local = Vec::new();
-        let pack: &mut Vec<f32> = match guard.as_deref_mut() {
-            Some(v) => v,
+        let mut local = Scratch::new();
+        let pack: &mut Scratch = match guard.as_deref_mut() {
+            Some(s) => s,
             None => &mut local,
         };
-        if pack.len() < total {
-            pack.resize(total, 0.0);
-        }
-        let pack = &mut pack[..total];
+        let pack = pack.get(a.batch * a.heads * per);
         let (kp, vp) = (SendPtr(a.k as *mut f32), SendPtr(a.v as *mut f32));
         pack.par_chunks_mut(per).enumerate().for_each(|(t, buf)| {
             let (b, h) = (t / a.heads, t % a.heads);
-            let (kt, vm) = buf.split_at_mut(hd * nk16);
-            // Padding keys and dims must read as zeros.
-            for e in 0..hd {
-                kt[e * nk16 + a.nk..(e + 1) * nk16].fill(0.0);
-            }
-            for j in 0..a.nk {
-                vm[j * hd16 + hd..(j + 1) * hd16].fill(0.0);
-                // SAFETY: row j of head h lies in the validated k / v ranges.
-                let (krow, vrow) = unsafe {
-                    (
-                        std::slice::from_raw_parts(
-                            kp.add(b * a.k_batch + j * a.k_row + h * hd),
-                            hd,
-                        ),
-                        std::slice::from_raw_parts(
-                            vp.add(b * a.v_batch + j * a.v_row + h * hd),
-                            hd,
-                        ),
-                    )
-                };
-                for (e, &x) in krow.iter().enumerate() {
-                    kt[e * nk16 + j] = x;
-                }
-                vm[j * hd16..j * hd16 + hd].copy_from_slice(vrow);
-            }
+            // SAFETY: the rows of head h lie in the validated k / v ranges.
+            unsafe {
+                pack_kv(
+                    kp.add(b * a.k_batch + h * hd),
+                    a.k_row,
+                    vp.add(b * a.v_batch + h * hd),
+                    a.v_row,
+                    a.nk,
+                    &g,
+                    buf,
+                )
+            };
         });
-        let q_blocks = a.nq.div_ceil(QB);
+        let q_blocks = a.nq.div_ceil(MR * T);
         let out = SendPtr(a.out as *mut f32);
         let pack = &*pack;
+        // Task order: head-major, so that each thread walks through whole heads and their
+        // packed K / V stay in its L2.
         (0..a.batch * a.heads * q_blocks)
             .into_par_iter()
             .for_each(|t| {
                 let qb = t % q_blocks;
                 let bh = t / q_blocks;
-                let (kt, vm) = pack[bh * per..(bh + 1) * per].split_at(hd * nk16);
+                let kv = &pack[bh * per..(bh + 1) * per];
                 // SAFETY: the task writes only the out rows of its own (batch, head, block).
-                unsafe { block(a, bh / a.heads, bh % a.heads, qb * QB, kt, vm, out) };
+                unsafe { block(a, &g, bh / a.heads, bh % a.heads, qb * MR * T, kv, out) };
             });
     }
 
+    /// Packs one head into `buf`: Kt by key blocks (`[j / KB][e][j % KB]`, so that each
+    /// block is one contiguous `hd x KB` panel; zero past `nk`), then `V[j][d]` (`hdp` wide,
+    /// zero past `nk` and `hd`). K is transposed 16 x 16 at a time.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pack_kv(
+        k: *const f32,
+        k_row: usize,
+        v: *const f32,
+        v_row: usize,
+        nk: usize,
+        g: &Geo,
+        buf: &mut [f32],
+    ) {
+        let hd = g.hd;
+        let (kt, vm) = buf.split_at_mut(hd * g.nkp);
+        // SAFETY (whole function): rows j < nk of this head lie in the validated k / v
+        // ranges; the stores stay inside `buf`.
+        unsafe {
+            let mut j0 = 0;
+            while j0 < g.nkp {
+                let live = 16.min(nk.saturating_sub(j0));
+                let blk = kt.as_mut_ptr().add(j0 / KB * KB * hd + j0 % KB);
+                let mut e0 = 0;
+                while e0 < hd {
+                    let w = 16.min(hd - e0);
+                    let em = ((1u32 << w) - 1) as __mmask16;
+                    let mut x = [_mm512_setzero_ps(); 16];
+                    for (j, xv) in x.iter_mut().enumerate().take(live) {
+                        *xv = _mm512_maskz_loadu_ps(em, k.add((j0 + j) * k_row + e0));
+                    }
+                    let y = transpose16(x);
+                    for (e, yv) in y.iter().enumerate().take(w) {
+                        _mm512_store_ps(blk.add((e0 + e) * KB), *yv);
+                    }
+                    e0 += 16;
+                }
+                j0 += 16;
+            }
+            for j in 0..g.nkp {
+                let dst = vm.as_mut_ptr().add(j * g.hdp);
+                let mut d0 = 0;
+                while d0 < g.hdp {
+                    let w = if j < nk {
+                        16.min(hd.saturating_sub(d0))
+                    } else {
+                        0
+                    };
+                    let dm = ((1u32 << w) - 1) as __mmask16;
+                    let x = _mm512_maskz_loadu_ps(dm, v.add(j * v_row + d0));
+                    _mm512_store_ps(dst.add(d0), x);
+                    d0 += 16;
+                }
+            }
+        }
+    }
+
+    /// One task: queries `q0 .. q0 + MR*T` (fewer at the end) of head `h`, batch item `b`.
     #[target_feature(enable = "avx512f")]
     unsafe fn block(
         a: &AttentionArgs,
+        g: &Geo,
         b: usize,
         h: usize,
         q0: usize,
-        kt: &[f32],
-        vm: &[f32],
+        kv: &[f32],
         out: SendPtr<f32>,
     ) {
-        let hd = a.head_dim;
-        let hd16 = hd.div_ceil(16) * 16;
-        let nk16 = ldk(a.nk);
-        let rows = QB.min(a.nq - q0);
+        let (hd, hdp) = (g.hd, g.hdp);
+        let rows = (MR * T).min(a.nq - q0);
+        let tiles = rows.div_ceil(MR);
+        let (kt, vm) = kv.split_at(hd * g.nkp);
+        // Causal: the block's last query sees keys up to q0 + rows - 1.
         let kend = if a.causal { a.nk.min(q0 + rows) } else { a.nk };
         SCRATCH.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let need = QB * hd + QB * KB + QB * hd16 + 2 * QB;
-            if buf.len() < need {
-                buf.resize(need, 0.0);
-            }
-            let (qp, rest) = buf.split_at_mut(QB * hd);
-            let (s, rest) = rest.split_at_mut(QB * KB);
-            let (o, rest) = rest.split_at_mut(QB * hd16);
-            let (mx, sum) = rest.split_at_mut(QB);
+            let mut scratch = cell.borrow_mut();
+            // Per tile: Q packed [e][MR], S / P [MR][KB], O [MR][hdp]; then the running max
+            // and sum, 16 lanes per tile.
+            let (qsz, ssz, osz) = (hd * MR, MR * KB, MR * hdp);
+            let qsz = qsz.next_multiple_of(16);
+            let buf = scratch.get(T * (qsz + osz) + ssz + 2 * T * 16);
+            let (qp, rest) = buf.split_at_mut(T * qsz);
+            let (sp, rest) = rest.split_at_mut(ssz);
+            let (op, rest) = rest.split_at_mut(T * osz);
+            let (mx, sum) = rest.split_at_mut(T * 16);
             mx.fill(f32::NEG_INFINITY);
             sum.fill(0.0);
-            for r in 0..rows {
-                // SAFETY: query row q0 + r of head h lies in the validated q range.
-                let src = unsafe {
-                    std::slice::from_raw_parts(
-                        (a.q as *const f32).add(b * a.q_batch + (q0 + r) * a.q_row + h * hd),
+            op.fill(0.0);
+            // Q tiles, scaled, packed [e][MR] (the GEMM's Ã packing); rows past the end are
+            // zero.
+            for t in 0..tiles {
+                let r0 = t * MR;
+                // SAFETY: query rows q0 + r0 .. of head h lie in the validated q range; the
+                // tile's slot holds hd x MR.
+                unsafe {
+                    pack_a(
+                        (a.q as *const f32).add(b * a.q_batch + (q0 + r0) * a.q_row + h * hd),
+                        a.q_row,
+                        MR.min(rows - r0),
                         hd,
+                        a.scale,
+                        qp[t * qsz..].as_mut_ptr(),
+                        0,
                     )
                 };
-                qp[r * hd..(r + 1) * hd].copy_from_slice(src);
             }
             let mut kb = 0;
             while kb < kend {
-                let cols = KB.min(kend - kb);
-                let cols16 = cols.div_ceil(16) * 16;
-                let mut jc = 0;
-                while jc < cols16 {
-                    let nv = ((cols16 - jc) / 16).min(4);
-                    let mut i0 = 0;
-                    while i0 < rows {
-                        let mr = (rows - i0).min(MR);
-                        // SAFETY: Kt has nk16 >= kb + cols16 columns; s has QB x KB.
+                let keys = KB.min(kend - kb);
+                // Groups of G tiles: each phase over the group before the next, so that the
+                // tiles' independent work overlaps in the out-of-order window while the
+                // group's S stays in L1 (one S buffer of G tiles serves every group).
+                // Blocks after the first without masked keys: the softmax runs in the S
+                // kernel's epilogue against the running max (see `LAZY_MAX`).
+                let masked = keys < KB || (a.causal && kb + KB > q0 + 1);
+                let lazy = kb > 0 && !masked;
+                for t in 0..tiles {
+                    let s = sp.as_mut_ptr();
+                    let q = qp[t * qsz..].as_ptr();
+                    let msl = &mut mx[t * 16..(t + 1) * 16];
+                    let ssl = &mut sum[t * 16..(t + 1) * 16];
+                    let mut exact = !lazy;
+                    if lazy {
+                        let mut rsum = [_mm512_setzero_ps(); MR];
+                        let m_ref = unsafe { _mm512_loadu_ps(msl.as_ptr()) };
+                        let mut over = 0;
+                        for jc in (0..KB).step_by(NR) {
+                            // SAFETY: Kt holds the block of keys kb.. (hd x KB); S has
+                            // MR x KB.
+                            over |= unsafe {
+                                s_tile_exp(
+                                    hd,
+                                    q,
+                                    kt.as_ptr().add(kb * hd + jc),
+                                    s.add(jc),
+                                    m_ref,
+                                    &mut rsum,
+                                )
+                            };
+                        }
+                        if over == 0 {
+                            // SAFETY: 16 lanes in the tile's sum slots.
+                            unsafe {
+                                let mut r16 = [_mm512_setzero_ps(); 16];
+                                r16[..MR].copy_from_slice(&rsum);
+                                let l = _mm512_add_ps(
+                                    _mm512_loadu_ps(ssl.as_ptr()),
+                                    hreduce16(r16, |x, y| _mm512_add_ps(x, y)),
+                                );
+                                _mm512_storeu_ps(ssl.as_mut_ptr(), l);
+                            }
+                        } else {
+                            exact = true;
+                        }
+                    }
+                    if exact {
+                        for jc in (0..KB).step_by(NR) {
+                            // SAFETY: as above.
+                            unsafe {
+                                tile::<1, MR>(
+                                    hd,
+                                    q,
+                                    kt.as_ptr().add(kb * hd + jc),
+                                    KB,
+                                    s.add(jc),
+                                    KB,
+                                    false,
+                                )
+                            };
+                        }
+                        // SAFETY: the tile's S, O, max and sum slots.
                         unsafe {
-                            by_rv!(
-                                s_tile,
-                                mr,
-                                nv,
-                                qp.as_ptr().add(i0 * hd),
-                                hd,
-                                kt.as_ptr().add(kb + jc),
-                                nk16,
-                                s.as_mut_ptr().add(i0 * KB + jc),
-                                KB,
-                                a.scale
+                            softmax_tile(
+                                &mut sp[..ssz],
+                                &mut op[t * osz..(t + 1) * osz],
+                                hdp,
+                                msl,
+                                ssl,
+                                |r| {
+                                    let valid = if a.causal {
+                                        (q0 + t * MR + r + 1).saturating_sub(kb)
+                                    } else {
+                                        usize::MAX
+                                    };
+                                    valid.min(keys)
+                                },
                             )
                         };
-                        i0 += mr;
                     }
-                    jc += nv * 16;
-                }
-                for r in 0..rows {
-                    let srow = &mut s[r * KB..r * KB + cols16];
-                    let valid = if a.causal {
-                        (q0 + r + 1).saturating_sub(kb).min(cols)
-                    } else {
-                        cols
-                    };
-                    if valid == 0 {
-                        srow.fill(0.0);
-                        continue;
-                    }
-                    // SAFETY: srow has cols16 (a multiple of 16) elements, valid <= cols16.
-                    let (m_new, psum) = unsafe { softmax_row(srow, valid, mx[r]) };
-                    let corr = (mx[r] - m_new).exp();
-                    sum[r] = sum[r] * corr + psum;
-                    mx[r] = m_new;
-                    if kb > 0 && corr != 1.0 {
-                        o[r * hd16..(r + 1) * hd16]
-                            .iter_mut()
-                            .for_each(|x| *x *= corr);
-                    }
-                }
-                let mut i0 = 0;
-                while i0 < rows {
-                    let mr = (rows - i0).min(MR);
-                    let mut cc = 0;
-                    while cc < hd16 {
-                        let nv = ((hd16 - cc) / 16).min(4);
-                        // SAFETY: V has rows kb..kb+cols and hd16 columns; o has QB x hd16.
+                    for dc in (0..hdp).step_by(NR) {
+                        // SAFETY: V has nkp >= kb + KB rows of hdp; O has MR x hdp.
                         unsafe {
-                            by_rv!(
-                                pv_tile,
-                                mr,
-                                nv,
-                                s.as_ptr().add(i0 * KB),
+                            tile::<KB, 1>(
                                 KB,
-                                vm.as_ptr().add(kb * hd16 + cc),
-                                hd16,
-                                o.as_mut_ptr().add(i0 * hd16 + cc),
-                                hd16,
-                                cols,
-                                kb > 0
+                                sp.as_ptr(),
+                                vm.as_ptr().add(kb * hdp + dc),
+                                hdp,
+                                op[t * osz..].as_mut_ptr().add(dc),
+                                hdp,
+                                true,
                             )
                         };
-                        cc += nv * 16;
                     }
-                    i0 += mr;
                 }
-                kb += cols;
+                kb += KB;
             }
-            for r in 0..rows {
-                let l = sum[r];
-                // SAFETY: this task owns out row q0 + r, columns h*hd .. (h+1)*hd.
+            for i in 0..rows {
+                let (t, r) = (i / MR, i % MR);
+                let l = sum[t * 16 + r];
+                // SAFETY: this task owns out row q0 + i, columns h*hd .. (h+1)*hd.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(
-                        out.add(b * a.o_batch + (q0 + r) * a.o_row + h * hd),
+                        out.add(b * a.o_batch + (q0 + i) * a.o_row + h * hd),
                         hd,
                     )
                 };
-                for (d, &x) in dst.iter_mut().zip(&o[r * hd16..r * hd16 + hd]) {
+                let o = &op[t * osz + r * hdp..t * osz + r * hdp + hd];
+                for (d, &x) in dst.iter_mut().zip(o) {
                     *d = x / l;
                 }
             }
         });
+    }
+
+    /// `out` lane `r` = `op` over the 16 lanes of `x[r]`: a butterfly of 30 shuffles and 15
+    /// `op`s, all in registers (14 horizontal reductions and a gather through memory would
+    /// cost more, and stall on store forwarding).
+    #[inline(always)]
+    unsafe fn hreduce16(x: [__m512; 16], op: impl Fn(__m512, __m512) -> __m512) -> __m512 {
+        unsafe {
+            let pd = _mm512_castps_pd;
+            let ps = _mm512_castpd_ps;
+            // Lanes 4L..4L+3 of 128-bit chunk L: pairs of rows interleaved.
+            let mut x1 = [_mm512_setzero_ps(); 8];
+            for (i, y) in x1.iter_mut().enumerate() {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                *y = op(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            }
+            // Per chunk: four rows, each reduced over the chunk.
+            let mut x2 = [_mm512_setzero_ps(); 4];
+            for (i, y) in x2.iter_mut().enumerate() {
+                let (c, d) = (pd(x1[2 * i]), pd(x1[2 * i + 1]));
+                *y = op(ps(_mm512_unpacklo_pd(c, d)), ps(_mm512_unpackhi_pd(c, d)));
+            }
+            // Chunks paired up, then all four.
+            let mut x3 = [_mm512_setzero_ps(); 2];
+            for (i, y) in x3.iter_mut().enumerate() {
+                let (e, f) = (x2[2 * i], x2[2 * i + 1]);
+                *y = op(
+                    _mm512_shuffle_f32x4::<0b10_00_10_00>(e, f),
+                    _mm512_shuffle_f32x4::<0b11_01_11_01>(e, f),
+                );
+            }
+            op(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x3[0], x3[1]),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x3[0], x3[1]),
+            )
+        }
+    }
+
+    /// The online-softmax step of one tile: for each of its `MR` rows, with `valid(r)` live
+    /// keys (the rest of the block's `KB` masked), updates the running max (lane `r` of `mx`)
+    /// and sum (of `sum`), overwrites the scores with `p = exp(s - max)` (0 where masked) and
+    /// rescales the row of O by `exp(old max - new max)`.
+    #[inline(always)]
+    unsafe fn softmax_tile(
+        s: &mut [f32],
+        o: &mut [f32],
+        hdp: usize,
+        mx: &mut [f32],
+        sum: &mut [f32],
+        valid: impl Fn(usize) -> usize,
+    ) {
+        unsafe {
+            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut masks = [[0 as __mmask16; KB / 16]; MR];
+            let mut rmax = [ninf; 16];
+            for r in 0..MR {
+                let live = valid(r);
+                let row = s.as_ptr().add(r * KB);
+                let mut m = ninf;
+                for (v, mk) in masks[r].iter_mut().enumerate() {
+                    let c = live.saturating_sub(16 * v).min(16);
+                    *mk = ((1u32 << c) - 1) as __mmask16;
+                    m = _mm512_max_ps(m, _mm512_mask_load_ps(ninf, *mk, row.add(16 * v)));
+                }
+                rmax[r] = m;
+            }
+            let m_old = _mm512_loadu_ps(mx.as_ptr());
+            let m_new = _mm512_max_ps(m_old, hreduce16(rmax, |a, b| _mm512_max_ps(a, b)));
+            // exp(-inf) = 0 for a first block; rows still without a live key keep -inf and
+            // a correction of 1 (their sum and O are 0 anyway).
+            let same = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_old, m_new);
+            let corr = _mm512_mask_blend_ps(
+                same,
+                exp512(_mm512_sub_ps(m_old, m_new)),
+                _mm512_set1_ps(1.0),
+            );
+            _mm512_storeu_ps(mx.as_mut_ptr(), m_new);
+            let mut rsum = [_mm512_setzero_ps(); 16];
+            for r in 0..MR {
+                let row = s.as_mut_ptr().add(r * KB);
+                // Lane r of m_new, broadcast.
+                let mv = _mm512_permutexvar_ps(_mm512_set1_epi32(r as i32), m_new);
+                let mut acc = _mm512_setzero_ps();
+                for (v, &mk) in masks[r].iter().enumerate() {
+                    let x = _mm512_load_ps(row.add(16 * v));
+                    let p = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(x, mv)));
+                    _mm512_store_ps(row.add(16 * v), p);
+                    acc = _mm512_add_ps(acc, p);
+                }
+                rsum[r] = acc;
+            }
+            let l = _mm512_fmadd_ps(
+                _mm512_loadu_ps(sum.as_ptr()),
+                corr,
+                hreduce16(rsum, |a, b| _mm512_add_ps(a, b)),
+            );
+            _mm512_storeu_ps(sum.as_mut_ptr(), l);
+            let rescale = !same & ((1u32 << MR) - 1) as __mmask16;
+            if rescale != 0 {
+                for r in 0..MR {
+                    if rescale & (1 << r) != 0 {
+                        let c = _mm512_permutexvar_ps(_mm512_set1_epi32(r as i32), corr);
+                        let row = o.as_mut_ptr().add(r * hdp);
+                        for v in 0..hdp / 16 {
+                            let p = row.add(16 * v);
+                            _mm512_store_ps(p, _mm512_mul_ps(_mm512_load_ps(p), c));
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -701,7 +848,18 @@ mod tests {
         packed: bool,
         seed: u64,
     ) {
-        check_scaled(batch, heads, nq, nk, hd, causal, packed, seed, 1.0)
+        check_scaled(
+            batch,
+            heads,
+            nq,
+            nk,
+            hd,
+            causal,
+            packed,
+            seed,
+            1.0,
+            (0, 0, 1.0),
+        )
     }
 
     /// As `check`, with the softmax scale multiplied by `sharp` (large: near one-hot rows).
@@ -716,6 +874,7 @@ mod tests {
         packed: bool,
         seed: u64,
         sharp: f32,
+        boost: (usize, usize, f32),
     ) {
         let be = CpuBackend::new();
         let mut rng = Rng(seed);
@@ -732,11 +891,20 @@ mod tests {
         let o_row = width + 5;
         let o_batch = nq * o_row + 2;
         let qv = rng.vec(batch * q_batch.max(k_batch).max(v_batch) + 3 * width + 3);
-        let kv = if packed {
+        let mut kv = if packed {
             qv.clone()
         } else {
             rng.vec(batch * k_batch)
         };
+        // Keys boost.0 .. boost.1 scaled by boost.2 (unpacked K only): scores that jump.
+        if !packed {
+            for b in 0..batch {
+                for j in boost.0..boost.1 {
+                    let row = b * k_batch + j * k_row;
+                    kv[row..row + width].iter_mut().for_each(|x| *x *= boost.2);
+                }
+            }
+        }
         let vv = if packed {
             qv.clone()
         } else {
@@ -861,8 +1029,20 @@ mod tests {
     fn sharp_softmax_is_stable() {
         // Scores of several hundred: exp would overflow without the running max, and most
         // weights underflow to 0 across key blocks.
-        check_scaled(1, 2, 100, 1100, 64, false, false, 7, 60.0);
-        check_scaled(1, 2, 600, 600, 48, true, true, 8, 60.0);
+        check_scaled(1, 2, 100, 1100, 64, false, false, 7, 60.0, (0, 0, 1.0));
+        check_scaled(1, 2, 600, 600, 48, true, true, 8, 60.0, (0, 0, 1.0));
+    }
+
+    #[test]
+    fn scores_that_jump_in_a_later_block() {
+        // The AVX-512 path keeps the running max lazily after the first key block and redoes a
+        // block exactly when a score exceeds it by more than LAZY_MAX: keys 300..310 (block 4
+        // of 64) score far above the rest for many queries (by more than exp's f32 range,
+        // so that skipping the redo overflows), keys 650.. (the partial last block) above.
+        for (boost, sharp, seed) in [((300, 310, 12.0), 60.0, 21), ((650, 700, 3.0), 20.0, 22)] {
+            check_scaled(1, 2, 60, 700, 64, false, false, seed, sharp, boost);
+            check_scaled(2, 1, 300, 700, 32, true, false, seed + 10, sharp, boost);
+        }
     }
 
     #[test]

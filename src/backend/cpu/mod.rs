@@ -17,7 +17,7 @@ pub mod math;
 mod mem;
 pub mod norm;
 #[cfg(target_arch = "x86_64")]
-mod sgemm;
+pub(crate) mod sgemm;
 pub mod volume;
 
 use super::{

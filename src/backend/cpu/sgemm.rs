@@ -26,7 +26,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 /// Rows of the register tile.
-const MR: usize = 14;
+pub(crate) const MR: usize = 14;
 /// Vectors (of 16 f32) per row of the register tile.
 const NV: usize = 2;
 /// Columns of the register tile.
@@ -586,7 +586,7 @@ unsafe fn kernel<const PF_B: bool, const DIRECT: bool>(
 
 /// 16 x 16 transpose: `out[c]` lane `r` = `x[r]` lane `c`.
 #[inline(always)]
-unsafe fn transpose16(x: [__m512; 16]) -> [__m512; 16] {
+pub(crate) unsafe fn transpose16(x: [__m512; 16]) -> [__m512; 16] {
     unsafe {
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
@@ -625,7 +625,7 @@ unsafe fn transpose16(x: [__m512; 16]) -> [__m512; 16] {
 /// # Safety
 /// The source rows lie in live memory; `out` has room for `kc * MR` f32.
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_a(
+pub(crate) unsafe fn pack_a(
     a: *const f32,
     lda: usize,
     rows: usize,
