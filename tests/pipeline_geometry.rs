@@ -8,35 +8,10 @@ use segvol::pipeline::geometry::{self, box_prompt, Roi, SlidingWindows};
 use segvol::pipeline::preprocess;
 use segvol::tensor::read_tensor;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
 
-/// The shared fixtures folder (with `full/`) from `SEGVOL_FIXTURES`, or `None` with a printed
-/// reason.
-fn shared_fixtures() -> Option<PathBuf> {
-    match std::env::var_os("SEGVOL_FIXTURES") {
-        Some(p) if Path::new(&p).join("full").is_dir() => Some(PathBuf::from(p)),
-        Some(p) => {
-            eprintln!(
-                "skipped: SEGVOL_FIXTURES={} has no full/ folder",
-                Path::new(&p).display()
-            );
-            None
-        }
-        None => {
-            eprintln!("skipped: set SEGVOL_FIXTURES to the shared fixtures folder to run the full-size tests");
-            None
-        }
-    }
-}
-
-fn json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
+use common::{fixtures, full_fixtures as shared_fixtures, json};
 
 fn usizes(v: &Value) -> Vec<usize> {
     v.as_array()

@@ -7,92 +7,17 @@ use segvol::backend::ForegroundStats;
 use segvol::pipeline::preprocess::{self, Preprocessed};
 use segvol::tensor::read_tensor;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-// ----- Test scaffolding: a minimal NIfTI-1 reader, to be replaced by
-// `segvol::io::nifti::read_volume` once it lands. -----
+mod common;
 
-/// Reads a gzipped NIfTI-1 volume (int16 or float32 voxels, `scl_slope`/`scl_inter` applied)
-/// and returns `(dims_xyz, voxels in file order)`. The file order (`i` fastest) is the model's
-/// `(D, H, W) = (Z, Y, X)` row-major volume (spec §6.1).
+use common::{fixtures, full_fixtures as shared_fixtures, json};
+
+/// Reads a CT of the fixtures: `(dims_xyz, voxels in file order)`. The file order (`i`
+/// fastest) is the model's `(D, H, W) = (Z, Y, X)` row-major volume (spec §6.1).
 fn read_nifti_gz(path: &Path) -> ([usize; 3], Vec<f32>) {
-    use std::io::Read;
-    let raw = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut b = Vec::new();
-    flate2::read::GzDecoder::new(&raw[..])
-        .read_to_end(&mut b)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let i16_at = |o: usize| i16::from_le_bytes([b[o], b[o + 1]]);
-    let f32_at = |o: usize| f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    assert_eq!(
-        i32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        348,
-        "NIfTI-1 little-endian header"
-    );
-    let ndim = i16_at(40) as usize;
-    assert!(ndim >= 3, "3-D volume expected");
-    let dims = [
-        i16_at(42) as usize,
-        i16_at(44) as usize,
-        i16_at(46) as usize,
-    ];
-    for k in 3..ndim {
-        assert_eq!(i16_at(42 + 2 * k), 1, "extra dims must be 1");
-    }
-    let datatype = i16_at(70);
-    let off = f32_at(108) as usize;
-    let (slope, inter) = (f32_at(112), f32_at(116));
-    let n: usize = dims.iter().product();
-    let mut v: Vec<f32> = match datatype {
-        4 => b[off..off + 2 * n]
-            .chunks_exact(2)
-            .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32)
-            .collect(),
-        16 => b[off..off + 4 * n]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        t => panic!(
-            "{}: datatype {t} not handled by the test reader",
-            path.display()
-        ),
-    };
-    if slope != 0.0 && !(slope == 1.0 && inter == 0.0) {
-        for x in &mut v {
-            *x = (*x as f64 * slope as f64 + inter as f64) as f32;
-        }
-    }
-    (dims, v)
-}
-
-// ----- Helpers -----
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// The shared fixtures folder (with `full/` and `data/`) from `SEGVOL_FIXTURES`, or `None`
-/// with a printed reason.
-fn shared_fixtures() -> Option<PathBuf> {
-    match std::env::var_os("SEGVOL_FIXTURES") {
-        Some(p) if Path::new(&p).join("full").is_dir() => Some(PathBuf::from(p)),
-        Some(p) => {
-            eprintln!(
-                "skipped: SEGVOL_FIXTURES={} has no full/ folder",
-                Path::new(&p).display()
-            );
-            None
-        }
-        None => {
-            eprintln!("skipped: set SEGVOL_FIXTURES to the shared fixtures folder to run the full-size tests");
-            None
-        }
-    }
-}
-
-fn json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let v = segvol::io::nifti::read_volume(path).unwrap_or_else(|e| panic!("{e}"));
+    (v.dims, v.data)
 }
 
 fn f(v: &Value) -> f64 {

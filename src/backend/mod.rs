@@ -381,6 +381,26 @@ pub struct AccumulateArgs {
     pub start: [usize; 3],
 }
 
+/// Checks that the box `[start, start + extent)` lies inside a volume of `dims` (the
+/// argument check every backend's `bbox_above` shares).
+pub fn check_sub_box(
+    dims: [usize; 3],
+    start: [usize; 3],
+    extent: [usize; 3],
+) -> std::result::Result<(), String> {
+    for ax in 0..3 {
+        if start[ax]
+            .checked_add(extent[ax])
+            .is_none_or(|e| e > dims[ax])
+        {
+            return Err(format!(
+                "box start {start:?} + extent {extent:?} exceeds dims {dims:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Inclusive bounding box `[d0, h0, w0, d1, h1, w1]`.
 pub type BBox = [usize; 6];
 

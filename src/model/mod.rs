@@ -75,6 +75,8 @@ pub struct TextEmbedding {
 pub struct ImageEmbedding {
     buf: Buffer,
     batch: usize,
+    /// Bytes of one window's tokens.
+    window_bytes: usize,
 }
 
 impl ImageEmbedding {
@@ -82,9 +84,9 @@ impl ImageEmbedding {
     pub fn batch(&self) -> usize {
         self.batch
     }
-    /// Device address of window `b`'s tokens.
-    pub fn addr(&self, b: usize, tokens_x_dim: usize, dtype: DType) -> Addr {
-        self.buf.addr() + (b * tokens_x_dim * dtype.size()) as u64
+    /// Device address of window `b`'s tokens (all windows: `addr(0)`).
+    pub fn addr(&self, b: usize) -> Addr {
+        self.buf.at(b * self.window_bytes)
     }
 }
 
@@ -550,7 +552,11 @@ impl SegVol {
     pub fn encode(&self, images: Addr, batch: usize) -> Result<ImageEmbedding> {
         let buf = self.backend.alloc(batch * self.embedding_bytes())?;
         self.encode_into(images, batch, buf.addr())?;
-        Ok(ImageEmbedding { buf, batch })
+        Ok(ImageEmbedding {
+            buf,
+            batch,
+            window_bytes: self.embedding_bytes(),
+        })
     }
 
     /// The decoder token sequence `[iou; mask tokens; sparse]` of one prompt (spec §4.1).
@@ -765,129 +771,148 @@ impl SegVol {
                 image.len()
             )));
         }
-        let dtype = self.backend.dtype();
-        let (n, dim) = (cfg.num_tokens(), cfg.decoder.dim);
         let img = self.upload_f32(image, DType::F32)?;
         let logits = self.backend.alloc(cfg.window_voxels() * 4)?;
         let mut out_stages: Vec<(String, HostTensor)> = Vec::new();
-        let emb = if stages {
-            let c = self.compiled(ProgramKey::Encoder {
-                batch: 1,
-                stages: true,
-            })?;
-            let buf = self.backend.alloc(3 * n * dim * dtype.size())?;
-            let step = (n * dim * dtype.size()) as u64;
-            self.run(
-                &c,
-                &[
-                    ("image", img.addr()),
-                    ("image_embedding", buf.addr()),
-                    ("patch_embedding", buf.addr() + step),
-                    ("vit_block0", buf.addr() + 2 * step),
-                ],
-            )?;
-            for (i, name) in [(1u64, "patch_embedding"), (2, "vit_block0")] {
-                let v = self.download_f32(buf.addr() + i * step, n * dim, dtype)?;
-                out_stages.push((name.into(), HostTensor::new(vec![1, n, dim], v)));
-            }
-            let tokens = self.download_f32(buf.addr(), n * dim, dtype)?;
-            let g = cfg.token_grid();
-            out_stages.push(("image_embedding".into(), channels_first(&tokens, n, dim, g)));
-            out_stages.push(("dense_pe".into(), channels_first(&self.dense_pe, n, dim, g)));
-            ImageEmbedding { buf, batch: 1 }
+        let input = self.tokens(prompt)?;
+        if stages {
+            let emb = self.encode_with_stages(img.addr(), &mut out_stages)?;
+            self.decode_with_stages(emb.addr(0), &input, logits.addr(), &mut out_stages)?;
         } else {
-            self.encode(img.addr(), 1)?
-        };
-
-        let DecoderInput {
-            tokens,
-            kinds,
-            text,
-        } = self.tokens(prompt)?;
-        if !stages {
-            self.decode(
-                emb.addr(0, n * dim, dtype),
-                std::slice::from_ref(prompt),
-                logits.addr(),
-            )?;
-        } else {
-            let t = tokens.len() / dim;
-            let key = DecoderKey {
-                batch: 1,
-                sparse: kinds.len(),
-                text: text.is_some(),
-            };
-            let c = self.compiled(ProgramKey::Decoder { key, stages: true })?;
-            let tok_buf = self.upload_f32(&tokens, dtype)?;
-            let (c8, m) = (cfg.upscale_channels().1, cfg.decoder.mask_tokens);
-            let g4 = cfg.upscale_grids().1;
-            let v4: usize = g4.iter().product();
-            let sizes = [t * dim, n * dim, c8 * v4, m * v4];
-            let total: usize = sizes.iter().sum();
-            let sbuf = self.backend.alloc(total * dtype.size())?;
-            let mut offs = [0u64; 4];
-            let mut acc = 0usize;
-            for (o, s) in offs.iter_mut().zip(sizes) {
-                *o = sbuf.addr() + (acc * dtype.size()) as u64;
-                acc += s;
-            }
-            let text_buf = text
-                .as_ref()
-                .map(|t| self.upload_f32(&t.embedding, dtype))
-                .transpose()?;
-            let mut ext = vec![
-                ("image_embedding", emb.addr(0, n * dim, dtype)),
-                ("tokens", tok_buf.addr()),
-                ("logits", logits.addr()),
-                ("decoder_tokens", offs[0]),
-                ("decoder_image", offs[1]),
-                ("upscaled_embedding", offs[2]),
-                ("low_res_masks", offs[3]),
-            ];
-            if let Some(tb) = &text_buf {
-                ext.push(("text_embedding", tb.addr()));
-            }
-            self.run(&c, &ext)?;
-            if let Some(te) = &text {
-                out_stages.push((
-                    "text_pooled".into(),
-                    HostTensor::new(vec![1, te.pooled.len()], te.pooled.clone()),
-                ));
-                out_stages.push((
-                    "text_embedding".into(),
-                    HostTensor::new(vec![1, dim], te.embedding.clone()),
-                ));
-            }
-            let ns = kinds.len();
-            out_stages.push((
-                "sparse_embeddings".into(),
-                HostTensor::new(vec![1, ns, dim], tokens[(t - ns) * dim..].to_vec()),
-            ));
-            let shapes: [Vec<usize>; 4] = [
-                vec![1, t, dim],
-                vec![1, n, dim],
-                vec![1, c8, g4[0], g4[1], g4[2]],
-                vec![1, m, g4[0], g4[1], g4[2]],
-            ];
-            for (i, name) in [
-                "decoder_tokens",
-                "decoder_image",
-                "upscaled_embedding",
-                "low_res_masks",
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let v = self.download_f32(offs[i], sizes[i], dtype)?;
-                out_stages.push((name.into(), HostTensor::new(shapes[i].clone(), v)));
-            }
+            let emb = self.encode(img.addr(), 1)?;
+            self.decode(emb.addr(0), std::slice::from_ref(prompt), logits.addr())?;
         }
         let v = self.download_f32(logits.addr(), cfg.window_voxels(), DType::F32)?;
         Ok(CallOutput {
             logits: HostTensor::new(vec![1, 1, d, h, w], v),
             stages: out_stages,
-            sparse_kinds: kinds,
+            sparse_kinds: input.kinds,
         })
+    }
+
+    /// The encoder of one window with its stage outputs: `patch_embedding`, `vit_block0`,
+    /// `image_embedding` and `dense_pe` in the spec's `(1, C, gD, gH, gW)` layout.
+    fn encode_with_stages(
+        &self,
+        image: Addr,
+        out: &mut Vec<(String, HostTensor)>,
+    ) -> Result<ImageEmbedding> {
+        let cfg = &self.cfg;
+        let dtype = self.backend.dtype();
+        let (n, dim) = (cfg.num_tokens(), cfg.decoder.dim);
+        let c = self.compiled(ProgramKey::Encoder {
+            batch: 1,
+            stages: true,
+        })?;
+        let step = self.embedding_bytes();
+        let buf = self.backend.alloc(3 * step)?;
+        self.run(
+            &c,
+            &[
+                ("image", image),
+                ("image_embedding", buf.addr()),
+                ("patch_embedding", buf.at(step)),
+                ("vit_block0", buf.at(2 * step)),
+            ],
+        )?;
+        for (i, name) in [(1, "patch_embedding"), (2, "vit_block0")] {
+            let v = self.download_f32(buf.at(i * step), n * dim, dtype)?;
+            out.push((name.into(), HostTensor::new(vec![1, n, dim], v)));
+        }
+        let tokens = self.download_f32(buf.addr(), n * dim, dtype)?;
+        let g = cfg.token_grid();
+        out.push(("image_embedding".into(), channels_first(&tokens, n, dim, g)));
+        out.push(("dense_pe".into(), channels_first(&self.dense_pe, n, dim, g)));
+        Ok(ImageEmbedding {
+            buf,
+            batch: 1,
+            window_bytes: step,
+        })
+    }
+
+    /// The decoder of one window with its stage outputs: `text_pooled`, `text_embedding`,
+    /// `sparse_embeddings`, `decoder_tokens`, `decoder_image`, `upscaled_embedding`,
+    /// `low_res_masks`.
+    fn decode_with_stages(
+        &self,
+        emb: Addr,
+        input: &DecoderInput,
+        logits: Addr,
+        out: &mut Vec<(String, HostTensor)>,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let dtype = self.backend.dtype();
+        let (n, dim) = (cfg.num_tokens(), cfg.decoder.dim);
+        let t = input.tokens.len() / dim;
+        let key = DecoderKey {
+            batch: 1,
+            sparse: input.kinds.len(),
+            text: input.text.is_some(),
+        };
+        let c = self.compiled(ProgramKey::Decoder { key, stages: true })?;
+        let tok_buf = self.upload_f32(&input.tokens, dtype)?;
+        let (c8, m) = (cfg.upscale_channels().1, cfg.decoder.mask_tokens);
+        let g4 = cfg.upscale_grids().1;
+        let names = [
+            "decoder_tokens",
+            "decoder_image",
+            "upscaled_embedding",
+            "low_res_masks",
+        ];
+        let shapes: [Vec<usize>; 4] = [
+            vec![1, t, dim],
+            vec![1, n, dim],
+            vec![1, c8, g4[0], g4[1], g4[2]],
+            vec![1, m, g4[0], g4[1], g4[2]],
+        ];
+        let sizes = shapes.clone().map(|s| s.iter().product::<usize>());
+        let sbuf = self
+            .backend
+            .alloc(sizes.iter().sum::<usize>() * dtype.size())?;
+        let offs: Vec<Addr> = sizes
+            .iter()
+            .scan(0usize, |acc, &s| {
+                let o = sbuf.at(*acc * dtype.size());
+                *acc += s;
+                Some(o)
+            })
+            .collect();
+        let text_buf = input
+            .text
+            .as_ref()
+            .map(|te| self.upload_f32(&te.embedding, dtype))
+            .transpose()?;
+        let mut ext = vec![
+            ("image_embedding", emb),
+            ("tokens", tok_buf.addr()),
+            ("logits", logits),
+        ];
+        ext.extend(names.iter().zip(&offs).map(|(n, &a)| (*n, a)));
+        if let Some(tb) = &text_buf {
+            ext.push(("text_embedding", tb.addr()));
+        }
+        self.run(&c, &ext)?;
+        if let Some(te) = &input.text {
+            out.push((
+                "text_pooled".into(),
+                HostTensor::new(vec![1, te.pooled.len()], te.pooled.clone()),
+            ));
+            out.push((
+                "text_embedding".into(),
+                HostTensor::new(vec![1, dim], te.embedding.clone()),
+            ));
+        }
+        let ns = input.kinds.len();
+        let sparse = input.tokens[(t - ns) * dim..].to_vec();
+        out.push((
+            "sparse_embeddings".into(),
+            HostTensor::new(vec![1, ns, dim], sparse),
+        ));
+        for i in 0..4 {
+            let v = self.download_f32(offs[i], sizes[i], dtype)?;
+            out.push((names[i].into(), HostTensor::new(shapes[i].clone(), v)));
+        }
+        Ok(())
     }
 }
 

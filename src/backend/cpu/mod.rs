@@ -310,17 +310,7 @@ impl Backend for CpuBackend {
     ) -> Result<Option<BBox>> {
         let op = "bbox_above";
         let n = volume_of(op, &dims)?;
-        for ax in 0..3 {
-            if start[ax]
-                .checked_add(extent[ax])
-                .is_none_or(|e| e > dims[ax])
-            {
-                return Err(bad_args(
-                    op,
-                    format!("box start {start:?} + extent {extent:?} exceeds dims {dims:?}"),
-                ));
-            }
-        }
+        super::check_sub_box(dims, start, extent).map_err(|m| bad_args(op, m))?;
         check_addr::<f32>(op, "x", x, n)?;
         // SAFETY: caller guarantees the volume.
         Ok(volume::bbox_above(

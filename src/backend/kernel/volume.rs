@@ -563,18 +563,7 @@ pub unsafe fn bbox_above(
 ) -> Result<Option<BBox>> {
     let op = "bbox_above";
     let n = volume_of(dev, op, &dims)?;
-    for ax in 0..3 {
-        if start[ax]
-            .checked_add(extent[ax])
-            .is_none_or(|e| e > dims[ax])
-        {
-            return Err(bad(
-                dev,
-                op,
-                format!("box start {start:?} + extent {extent:?} exceeds dims {dims:?}"),
-            ));
-        }
-    }
+    crate::backend::check_sub_box(dims, start, extent).map_err(|m| bad(dev, op, m))?;
     check_extent(dev, op, extent)?;
     check_addr(dev, op, "x", x, n, 4)?;
     if extent.contains(&0) {

@@ -29,9 +29,9 @@ pub struct PlanArgs {
     mem_limit: Option<String>,
     #[command(flatten)]
     device: DeviceArgs,
-    /// Print every activation of every program.
+    /// Only the per-program summary, not every activation.
     #[arg(long)]
-    verbose: bool,
+    brief: bool,
 }
 
 pub fn run(a: PlanArgs) -> Result<()> {
@@ -87,7 +87,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
                     )));
                 }
             }
-            print_call(&plan, a.batch, dtype, a.verbose);
+            print_call(&plan, a.batch, dtype, !a.brief);
         }
     }
     Ok(())
