@@ -30,10 +30,12 @@ __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b -
 enum ActCode : int { ACT_NONE = 0, ACT_GELU = 1, ACT_RELU = 2, ACT_QUICK_GELU = 3 };
 
 // `Act::apply` in f32: exact-erf GELU (nn.GELU()), ReLU, quick_gelu (x * sigmoid(1.702 x)).
+// GELU as 0.5 x erfc(-x / sqrt 2), the same function as 0.5 x (1 + erf(x / sqrt 2)) without
+// the cancellation of 1 + erf for negative x (erfcf: 4 ulp at most, CUDA math API).
 __device__ __forceinline__ float act_apply(int code, float x) {
     switch (code) {
         case ACT_GELU:
-            return 0.5f * x * (1.f + erff(x * 0.70710678f));
+            return 0.5f * x * erfcf(-x * 0.70710678f);
         case ACT_RELU:
             return fmaxf(x, 0.f);
         case ACT_QUICK_GELU:

@@ -90,7 +90,7 @@ impl Act {
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Act::None => x,
-            Act::Gelu => 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)),
+            Act::Gelu => 0.5 * x * erfc_f32(-x * std::f32::consts::FRAC_1_SQRT_2),
             Act::Relu => x.max(0.0),
             Act::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
         }
@@ -107,10 +107,12 @@ impl Act {
     }
 }
 
-/// erf in f32 (musl's `erff` through the `libm` crate, < 1 ulp): the exact-GELU reference.
+/// erfc in f32 (musl's `erfcf` through the `libm` crate, < 1 ulp): the exact-GELU reference,
+/// `0.5 x erfc(-x / sqrt 2)`, which is `0.5 x (1 + erf(x / sqrt 2))` without the cancellation
+/// of `1 + erf` for negative `x`.
 #[inline]
-pub fn erf_f32(x: f32) -> f32 {
-    libm::erff(x)
+pub fn erfc_f32(x: f32) -> f32 {
+    libm::erfcf(x)
 }
 
 /// `C[b] = act(alpha * A[b] @ op(B[b]) + bias) + residual[b]`, f32 accumulation.
@@ -427,6 +429,14 @@ pub trait Backend: Send + Sync {
     fn host_addressable(&self) -> bool {
         false
     }
+    /// Declares the `bytes` at `addr` a constant (a weight tensor): unchanged until
+    /// [`Backend::release_constant`] for the same address. A backend may keep layouts derived
+    /// from it; the CPU backend keeps the packed GEMM panels of weights read as `b`, so that
+    /// they are packed once per model rather than on every call. Default: nothing.
+    fn retain_constant(&self, _addr: Addr, _bytes: usize) {}
+    /// Ends [`Backend::retain_constant`] for `addr`: what was derived from it is dropped (the
+    /// memory may hold something else next).
+    fn release_constant(&self, _addr: Addr) {}
     /// Allocates `bytes` (256-byte aligned). Contents are unspecified.
     fn alloc(&self, bytes: usize) -> Result<Buffer>;
     /// Copies host bytes to `dst`.

@@ -165,8 +165,19 @@ pub struct DeviceWeights {
     table: HashMap<String, Addr>,
     /// Bytes held on the device (not counting zero-copy tensors).
     pub device_bytes: usize,
+    /// Tensors declared constant to the backend, released on drop.
+    retained: Vec<Addr>,
+    backend: Arc<dyn Backend>,
     _region: Option<Buffer>,
     _host: Arc<dyn HostWeights>,
+}
+
+impl Drop for DeviceWeights {
+    fn drop(&mut self) {
+        for &a in &self.retained {
+            self.backend.release_constant(a);
+        }
+    }
 }
 
 impl WeightTable for DeviceWeights {
@@ -176,16 +187,20 @@ impl WeightTable for DeviceWeights {
 }
 
 impl DeviceWeights {
-    /// Places `keys` (with their host data) and the `derived` tensors on `backend`.
+    /// Places `keys` (with their host data) and the `derived` tensors on `backend`, and
+    /// declares the keys that `hot` selects constant to it ([`Backend::retain_constant`]:
+    /// the weights run on every call, worth a layout the backend derives once).
     fn upload(
-        backend: &dyn Backend,
+        backend: &Arc<dyn Backend>,
         host: Arc<dyn HostWeights>,
         keys: &[String],
         derived: &[(&str, Vec<f32>)],
+        hot: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
         let dtype = backend.dtype();
         let zero_copy = backend.host_addressable() && dtype == DType::F32;
         let mut table = HashMap::new();
+        let mut retained = Vec::new();
         let mut layout: Vec<(String, &[f32], usize)> = Vec::new();
         let mut total = 0usize;
         for key in keys {
@@ -194,6 +209,10 @@ impl DeviceWeights {
                 .ok_or_else(|| Error::Internal(format!("weight `{key}` is not loaded")))?;
             if zero_copy && (data.as_ptr() as usize).is_multiple_of(4) {
                 table.insert(key.clone(), data.as_ptr() as Addr);
+                if hot(key) {
+                    backend.retain_constant(data.as_ptr() as Addr, data.len() * 4);
+                    retained.push(data.as_ptr() as Addr);
+                }
                 continue;
             }
             layout.push((key.clone(), data, total));
@@ -210,6 +229,10 @@ impl DeviceWeights {
                 // SAFETY: `off + bytes.len()` lies inside the region just allocated.
                 unsafe { backend.upload(buf.at(*off), &bytes)? };
                 table.insert(key.clone(), buf.at(*off));
+                if hot(key) {
+                    backend.retain_constant(buf.at(*off), bytes.len());
+                    retained.push(buf.at(*off));
+                }
             }
             Some(buf)
         } else {
@@ -218,6 +241,8 @@ impl DeviceWeights {
         Ok(DeviceWeights {
             table,
             device_bytes: total,
+            retained,
+            backend: backend.clone(),
             _region: region,
             _host: host,
         })
@@ -304,24 +329,29 @@ impl SegVol {
         let main_keys = weight_keys(&main_probes);
         let text_keys = weight_keys(std::slice::from_ref(&text_probe));
         let shared = Arc::ptr_eq(&backend, &text_backend);
+        // The CLIP tower runs once per distinct text: only the encoder's and decoder's
+        // weights are worth a derived layout.
+        let hot_keys: std::collections::HashSet<String> = main_keys.iter().cloned().collect();
         let mut keys = main_keys;
         if shared {
             keys.extend(text_keys.iter().cloned());
         }
         let weights = DeviceWeights::upload(
-            backend.as_ref(),
+            &backend,
             host.clone(),
             &keys,
             &[(DENSE_PE_KEY, dense_pe.clone())],
+            &|k| hot_keys.contains(k),
         )?;
         let text_weights = if shared {
             None
         } else {
             Some(DeviceWeights::upload(
-                text_backend.as_ref(),
+                &text_backend,
                 host.clone(),
                 &text_keys,
                 &[],
+                &|_| false,
             )?)
         };
         Ok(SegVol {

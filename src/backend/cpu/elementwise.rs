@@ -330,7 +330,7 @@ mod tests {
                 for (g, &v) in got.iter().zip(&x) {
                     assert_eq!(
                         g.to_bits(),
-                        act.apply(v * 0.7).to_bits(),
+                        super::math::act(v * 0.7, act).to_bits(),
                         "{act:?}({v} * 0.7)"
                     );
                 }

@@ -560,6 +560,65 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn retained_weights_are_packed_once_and_released() {
+        // A weight declared constant is packed by the first call and its panels reused: a
+        // (contract-breaking) change of the weight in place is invisible until it is released.
+        if !super::super::sgemm::available() {
+            eprintln!("skipped: the packed-panel path needs AVX-512");
+            return;
+        }
+        let be = CpuBackend::new();
+        let (m, n, k) = (40, 70, 300);
+        let mut rng = Rng(11);
+        let (av, bv, bv2) = (rng.vec(m * k), rng.vec(n * k), rng.vec(n * k));
+        let (ab, bb, cb) = (buf(&be, &av), buf(&be, &bv), buf(&be, &vec![0.0; m * n]));
+        let args = GemmArgs {
+            batch: 1,
+            m,
+            n,
+            k,
+            a: ab.addr(),
+            lda: k,
+            batch_stride_a: 0,
+            b: bb.addr(),
+            ldb: k,
+            batch_stride_b: 0,
+            b_trans: true,
+            c: cb.addr(),
+            ldc: n,
+            batch_stride_c: 0,
+            alpha: 1.0,
+            bias: None,
+            act: Act::None,
+            residual: None,
+        };
+        let gemm = || {
+            unsafe { be.gemm(&args).unwrap() };
+            read(&be, cb.addr(), m * n)
+        };
+        let fresh = gemm();
+        be.retain_constant(bb.addr(), n * k * 4);
+        let first = gemm();
+        assert_eq!(first, fresh, "kept panels give the same bits");
+        let write_b = |v: &[f32]| unsafe { be.upload(bb.addr(), bytemuck::cast_slice(v)).unwrap() };
+        write_b(&bv2);
+        assert_eq!(
+            gemm(),
+            first,
+            "the panels packed from the old weight are reused"
+        );
+        be.release_constant(bb.addr());
+        let after = gemm();
+        write_b(&bv);
+        be.retain_constant(bb.addr(), n * k * 4);
+        write_b(&bv2);
+        assert_eq!(after, gemm(), "released: the new weight is packed afresh");
+        be.release_constant(bb.addr());
+        assert_ne!(after, first);
+    }
+
+    #[test]
     fn rejects_bad_layouts() {
         let be = CpuBackend::new();
         let x = buf(&be, &[1.0; 64]);

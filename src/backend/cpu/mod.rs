@@ -45,6 +45,15 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend
     }
+
+    /// Bytes of packed GEMM panels kept for constant weights, in this process
+    /// ([`Backend::retain_constant`]).
+    pub fn packed_weight_bytes() -> usize {
+        #[cfg(target_arch = "x86_64")]
+        return sgemm::constants::bytes();
+        #[cfg(not(target_arch = "x86_64"))]
+        0
+    }
 }
 
 /// A host allocation that frees itself.
@@ -167,6 +176,20 @@ impl Backend for CpuBackend {
 
     fn host_addressable(&self) -> bool {
         true
+    }
+
+    fn retain_constant(&self, addr: Addr, bytes: usize) {
+        #[cfg(target_arch = "x86_64")]
+        sgemm::constants::retain(addr, bytes);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (addr, bytes);
+    }
+
+    fn release_constant(&self, addr: Addr) {
+        #[cfg(target_arch = "x86_64")]
+        sgemm::constants::release(addr);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = addr;
     }
 
     fn with_dtype(&self, dtype: DType) -> Result<std::sync::Arc<dyn Backend>> {

@@ -93,34 +93,30 @@ pub unsafe fn run(args: &GemmArgs) {
     // tiles, so packing would cost more than it saves).
     let direct = !args.b_trans && m <= DIRECT_M;
     let per_item = if direct { 0 } else { k * npad };
+    // A constant B (a weight the model declared) is packed once and kept; anything else is
+    // packed on every call into a reused scratch buffer.
+    let kept = if per_item > 0 && b_items == 1 {
+        constants::panels(args, npad)
+    } else {
+        None
+    };
     let mut guard = B_PACK.try_lock().ok();
     let mut local = Scratch::default();
-    let bpack: &mut Scratch = match guard.as_deref_mut() {
-        Some(s) => s,
-        None => &mut local,
-    };
-    let bp = bpack.get(b_items * per_item);
-    if per_item > 0 {
-        // One task per (item, panel): the panel's source is a few contiguous KiB per row of
-        // k, read front to back.
-        let bsrc = SendPtr(args.b as *mut f32);
-        let dst = SendPtr(bp.as_mut_ptr());
-        (0..b_items * panels).into_par_iter().for_each(|t| {
-            let (item, p) = (t / panels, t % panels);
-            // SAFETY: each task writes only its panel's slots of the packing buffer; the
-            // source lies in the validated B range.
-            unsafe {
-                pack_b(
-                    args,
-                    bsrc.add(item * args.batch_stride_b),
-                    p,
-                    npad,
-                    dst.add(item * per_item),
-                )
+    let bp = match &kept {
+        Some(p) => SendPtr(p.ptr()),
+        None => {
+            let bpack: &mut Scratch = match guard.as_deref_mut() {
+                Some(s) => s,
+                None => &mut local,
             };
-        });
-    }
-    let bp = SendPtr(bp.as_mut_ptr());
+            let bp = bpack.get(b_items * per_item);
+            if per_item > 0 {
+                // SAFETY: `bp` holds `b_items * per_item` f32, 64-byte aligned.
+                unsafe { pack_all(args, b_items, npad, bp.as_mut_ptr()) };
+            }
+            SendPtr(bp.as_mut_ptr())
+        }
+    };
 
     // Tasks: (batch item, block of rows, range of panels). Row blocks of about MC rows, their
     // count a multiple of the thread count when there are enough, so that every thread gets
@@ -236,7 +232,7 @@ unsafe fn dot_block<const M: usize>(args: &GemmArgs, bi: usize, cols: std::ops::
                 if let Some(bias) = args.bias {
                     v += *(bias as *const f32).add(j);
                 }
-                v = args.act.apply(v);
+                v = math::act(v, args.act);
                 if let Some((r, ld)) = res {
                     v += *r.add(i * ld + j);
                 }
@@ -658,6 +654,146 @@ pub(crate) unsafe fn pack_a(
             }
             k0 += 16;
         }
+    }
+}
+
+/// Packs `op(B)` of every one of `b_items` batch items into `dst` (`k * npad` f32 per item).
+///
+/// # Safety
+/// As [`run`]; `dst` holds `b_items * k * npad` f32, 64-byte aligned.
+unsafe fn pack_all(args: &GemmArgs, b_items: usize, npad: usize, dst: *mut f32) {
+    let panels = npad / NR;
+    let per_item = args.k * npad;
+    let bsrc = SendPtr(args.b as *mut f32);
+    let dst = SendPtr(dst);
+    // One task per (item, panel): the panel's source is a few contiguous KiB per row of k,
+    // read front to back.
+    (0..b_items * panels).into_par_iter().for_each(|t| {
+        let (item, p) = (t / panels, t % panels);
+        // SAFETY: each task writes only its panel's slots of the packing buffer; the source
+        // lies in the validated B range.
+        unsafe {
+            pack_b(
+                args,
+                bsrc.add(item * args.batch_stride_b),
+                p,
+                npad,
+                dst.add(item * per_item),
+            )
+        };
+    });
+}
+
+/// Packed panels of constant weights ([`crate::backend::Backend::retain_constant`]).
+///
+/// The CPU backend is stateless (`CpuBackend` is `Copy`), so the registry is per process:
+/// the model retains its weight tensors when it loads and releases them when it is dropped.
+/// A GEMM whose `b` is the start of a retained tensor, read whole or in part, finds its
+/// panels here (packed by the first call with that shape); the panels of the full-size
+/// image encoder and decoder take ~0.37 GB beside the weights themselves.
+pub(crate) mod constants {
+    use super::{pack_all, GemmArgs, Scratch};
+    use parking_lot::RwLock;
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock};
+
+    /// The shape of a packed `op(B)`: address, k, n, ldb, whether B is stored N x K.
+    type Key = (u64, usize, usize, usize, bool);
+
+    /// One weight's packed `op(B)`.
+    pub(crate) struct Panels {
+        _buf: Scratch,
+        ptr: *mut f32,
+        len: usize,
+    }
+
+    // SAFETY: written once before it is shared, read-only afterwards.
+    unsafe impl Send for Panels {}
+    unsafe impl Sync for Panels {}
+
+    impl Panels {
+        pub(crate) fn ptr(&self) -> *mut f32 {
+            self.ptr
+        }
+    }
+
+    #[derive(Default)]
+    struct Registry {
+        /// Retained tensors: start address → (bytes, retain count).
+        regions: HashMap<u64, (usize, usize)>,
+        panels: HashMap<Key, Arc<Panels>>,
+    }
+
+    static REGISTRY: LazyLock<RwLock<Registry>> = LazyLock::new(Default::default);
+
+    pub(crate) fn retain(addr: u64, bytes: usize) {
+        let mut r = REGISTRY.write();
+        let e = r.regions.entry(addr).or_insert((bytes, 0));
+        e.0 = e.0.max(bytes);
+        e.1 += 1;
+    }
+
+    pub(crate) fn release(addr: u64) {
+        let mut r = REGISTRY.write();
+        let gone = match r.regions.get_mut(&addr) {
+            Some(e) => {
+                e.1 -= 1;
+                e.1 == 0
+            }
+            None => false,
+        };
+        if gone {
+            r.regions.remove(&addr);
+            r.panels.retain(|k, _| k.0 != addr);
+        }
+    }
+
+    /// Bytes of packed panels held now.
+    pub fn bytes() -> usize {
+        REGISTRY.read().panels.values().map(|p| p.len * 4).sum()
+    }
+
+    /// The packed `op(B)` of a retained weight (packing it on first use), or `None` when `b`
+    /// is not one.
+    ///
+    /// # Safety
+    /// As [`super::run`], with one B for the whole batch.
+    pub(crate) unsafe fn panels(args: &GemmArgs, npad: usize) -> Option<Arc<Panels>> {
+        let key = (args.b, args.k, args.n, args.ldb, args.b_trans);
+        let (rows, cols) = if args.b_trans {
+            (args.n, args.k)
+        } else {
+            (args.k, args.n)
+        };
+        let extent = ((rows - 1) * args.ldb + cols) * 4;
+        {
+            let r = REGISTRY.read();
+            if r.regions
+                .get(&args.b)
+                .is_none_or(|&(bytes, _)| extent > bytes)
+            {
+                return None;
+            }
+            if let Some(p) = r.panels.get(&key) {
+                return Some(p.clone());
+            }
+        }
+        let len = args.k * npad;
+        let mut buf = Scratch::new();
+        let ptr = buf.get(len).as_mut_ptr();
+        // SAFETY: `ptr` holds `k * npad` f32, 64-byte aligned; B is validated.
+        unsafe { pack_all(args, 1, npad, ptr) };
+        let p = Arc::new(Panels {
+            _buf: buf,
+            ptr,
+            len,
+        });
+        let mut r = REGISTRY.write();
+        // Released meanwhile: use the panels for this call only.
+        if !r.regions.contains_key(&args.b) {
+            return Some(p);
+        }
+        Some(r.panels.entry(key).or_insert(p).clone())
     }
 }
 

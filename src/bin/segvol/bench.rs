@@ -144,6 +144,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "  counted floor: {:.1} GFLOP per window",
         flops / batch as f64 / 1e9
     );
+    let packed = segvol::backend::cpu::CpuBackend::packed_weight_bytes();
+    if packed > 0 {
+        println!(
+            "  packed weight panels kept by the CPU GEMM: {:.0} MiB",
+            packed as f64 / (1 << 20) as f64
+        );
+    }
 
     // One profiled call: time per op kind (synchronised after every op).
     let ops = model.profile(img.addr(), batch, &prompt)?;
