@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// Text prompt for the decoder.
     #[arg(long, default_value = "liver")]
     text: String,
+    /// Also list the N slowest single ops of the profiled call (program, step, kind, time).
+    #[arg(long, default_value_t = 0)]
+    top: usize,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -179,6 +182,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
             100.0 * s / total,
             tf
         );
+    }
+    if a.top > 0 {
+        let mut slow: Vec<_> = ops.iter().collect();
+        slow.sort_by(|x, y| y.seconds.total_cmp(&x.seconds));
+        println!("  slowest ops:");
+        for o in slow.iter().take(a.top) {
+            let tf = if o.flops > 0.0 {
+                format!("{:.3} TFLOP/s", o.flops / o.seconds / 1e12)
+            } else {
+                String::new()
+            };
+            println!(
+                "    {:>9.3} ms  {:<22} {:<40} {}",
+                o.seconds * 1e3,
+                o.kind,
+                format!("{}: {}", o.program, o.label),
+                tf
+            );
+        }
     }
     if b.dtype() != DType::F32 && b.name() == "cpu" {
         println!("  note: the CPU computes in f32");
