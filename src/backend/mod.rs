@@ -384,7 +384,8 @@ pub struct AccumulateArgs {
 }
 
 /// Checks that the box `[start, start + extent)` lies inside a volume of `dims` (the
-/// argument check every backend's `bbox_above` shares).
+/// argument check every backend shares for `bbox_above`, `copy_box`'s destination and
+/// `accumulate_window`).
 pub fn check_sub_box(
     dims: [usize; 3],
     start: [usize; 3],

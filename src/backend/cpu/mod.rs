@@ -350,20 +350,8 @@ impl Backend for CpuBackend {
         need_f32(op, "dst", a.dst_dtype)?;
         let ns = volume_of(op, &a.src_dims)?;
         let nd = volume_of(op, &a.dst_dims)?;
-        for ax in 0..3 {
-            if a.dst_start[ax]
-                .checked_add(a.extent[ax])
-                .is_none_or(|e| e > a.dst_dims[ax])
-            {
-                return Err(bad_args(
-                    op,
-                    format!(
-                        "destination box start {:?} + extent {:?} exceeds dims {:?}",
-                        a.dst_start, a.extent, a.dst_dims
-                    ),
-                ));
-            }
-        }
+        super::check_sub_box(a.dst_dims, a.dst_start, a.extent)
+            .map_err(|m| bad_args(op, format!("destination {m}")))?;
         check_addr::<f32>(op, "src", a.src, ns)?;
         check_addr::<f32>(op, "dst", a.dst, nd)?;
         if overlaps(a.src, ns * 4, a.dst, nd * 4) {
@@ -388,20 +376,8 @@ impl Backend for CpuBackend {
         let op = "accumulate_window";
         let nw = volume_of(op, &a.window)?;
         let n = volume_of(op, &a.dims)?;
-        for ax in 0..3 {
-            if a.start[ax]
-                .checked_add(a.window[ax])
-                .is_none_or(|e| e > a.dims[ax])
-            {
-                return Err(bad_args(
-                    op,
-                    format!(
-                        "window start {:?} + size {:?} exceeds dims {:?}",
-                        a.start, a.window, a.dims
-                    ),
-                ));
-            }
-        }
+        super::check_sub_box(a.dims, a.start, a.window)
+            .map_err(|m| bad_args(op, format!("window: {m}")))?;
         check_addr::<f32>(op, "win", a.win, nw)?;
         check_addr::<f32>(op, "acc", a.acc, n)?;
         check_addr::<f32>(op, "cnt", a.cnt, n)?;

@@ -586,11 +586,8 @@ pub fn shift_scale_in_place(x: &mut [f32], sub: f32, div: f32) {
 }
 
 fn check_box(what: &str, dims: [usize; 3], start: [usize; 3], extent: [usize; 3]) {
-    for a in 0..3 {
-        assert!(
-            start[a] + extent[a] <= dims[a],
-            "{what}: box start {start:?} extent {extent:?} exceeds dims {dims:?}"
-        );
+    if let Err(m) = crate::backend::check_sub_box(dims, start, extent) {
+        panic!("{what}: {m}");
     }
 }
 

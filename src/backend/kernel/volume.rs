@@ -634,28 +634,15 @@ pub unsafe fn copy_box(dev: &dyn KernelDevice, a: &CopyBoxArgs) -> Result<()> {
     let esz = a.dst_dtype.size();
     let ns = volume_of(dev, op, &a.src_dims)?;
     let nd = volume_of(dev, op, &a.dst_dims)?;
-    for ax in 0..3 {
-        if a.dst_start[ax]
-            .checked_add(a.extent[ax])
-            .is_none_or(|e| e > a.dst_dims[ax])
-        {
-            return Err(bad(
-                dev,
-                op,
-                format!(
-                    "destination box start {:?} + extent {:?} exceeds dims {:?}",
-                    a.dst_start, a.extent, a.dst_dims
-                ),
-            ));
-        }
-        // Keeps every source index within 64 bits.
-        if a.src_start[ax].unsigned_abs() > i32::MAX as u64 {
-            return Err(bad(
-                dev,
-                op,
-                format!("source start {:?} is out of range", a.src_start),
-            ));
-        }
+    crate::backend::check_sub_box(a.dst_dims, a.dst_start, a.extent)
+        .map_err(|m| bad(dev, op, format!("destination {m}")))?;
+    // Keeps every source index within 64 bits.
+    if a.src_start.iter().any(|s| s.unsigned_abs() > i32::MAX as u64) {
+        return Err(bad(
+            dev,
+            op,
+            format!("source start {:?} is out of range", a.src_start),
+        ));
     }
     check_extent(dev, op, a.extent)?;
     check_addr(dev, op, "src", a.src, ns, 4)?;
@@ -700,21 +687,8 @@ pub unsafe fn accumulate_window(dev: &dyn KernelDevice, a: &AccumulateArgs) -> R
     let op = "accumulate_window";
     let nw = volume_of(dev, op, &a.window)?;
     let n = volume_of(dev, op, &a.dims)?;
-    for ax in 0..3 {
-        if a.start[ax]
-            .checked_add(a.window[ax])
-            .is_none_or(|e| e > a.dims[ax])
-        {
-            return Err(bad(
-                dev,
-                op,
-                format!(
-                    "window start {:?} + size {:?} exceeds dims {:?}",
-                    a.start, a.window, a.dims
-                ),
-            ));
-        }
-    }
+    crate::backend::check_sub_box(a.dims, a.start, a.window)
+        .map_err(|m| bad(dev, op, format!("window: {m}")))?;
     check_extent(dev, op, a.window)?;
     check_addr(dev, op, "win", a.win, nw, 4)?;
     check_addr(dev, op, "acc", a.acc, n, 4)?;
