@@ -100,20 +100,26 @@ pub unsafe fn run(args: &GemmArgs) {
     } else {
         None
     };
-    let mut guard = B_PACK.try_lock().ok();
+    // The shared scratch is held (not just borrowed) until the tasks are done; only a call
+    // that packs takes it.
+    let mut guard = if kept.is_none() && per_item > 0 {
+        B_PACK.try_lock().ok()
+    } else {
+        None
+    };
     let mut local = Scratch::default();
     let bp = match &kept {
         Some(p) => SendPtr(p.ptr()),
+        // B is read in place.
+        None if per_item == 0 => SendPtr(std::ptr::null_mut()),
         None => {
             let bpack: &mut Scratch = match guard.as_deref_mut() {
                 Some(s) => s,
                 None => &mut local,
             };
             let bp = bpack.get(b_items * per_item);
-            if per_item > 0 {
-                // SAFETY: `bp` holds `b_items * per_item` f32, 64-byte aligned.
-                unsafe { pack_all(args, b_items, npad, bp.as_mut_ptr()) };
-            }
+            // SAFETY: `bp` holds `b_items * per_item` f32, 64-byte aligned.
+            unsafe { pack_all(args, b_items, npad, bp.as_mut_ptr()) };
             SendPtr(bp.as_mut_ptr())
         }
     };
