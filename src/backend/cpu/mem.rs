@@ -22,24 +22,11 @@ pub fn advise_huge(ptr: *mut u8, len: usize) {
     if end <= start {
         return;
     }
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    {
-        const SYS_MADVISE: usize = 28;
-        const MADV_HUGEPAGE: usize = 14;
-        // SAFETY: madvise only changes how the kernel backs these pages of our own mapping;
-        // it reads and writes no memory, and errors are ignored (the advice is optional).
-        unsafe {
-            std::arch::asm!(
-                "syscall",
-                inlateout("rax") SYS_MADVISE => _,
-                in("rdi") start,
-                in("rsi") end - start,
-                in("rdx") MADV_HUGEPAGE,
-                lateout("rcx") _,
-                lateout("r11") _,
-                options(nostack),
-            );
-        }
+    #[cfg(target_os = "linux")]
+    // SAFETY: madvise only changes how the kernel backs these pages of our own mapping; it
+    // reads and writes no memory, and its result is ignored (the advice is optional).
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
     }
 }
 
