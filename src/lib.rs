@@ -15,6 +15,7 @@ pub mod io;
 pub mod model;
 pub mod pipeline;
 pub mod program;
+pub mod rng;
 pub mod tensor;
 pub mod tokenizer;
 pub mod weights;

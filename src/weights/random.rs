@@ -5,6 +5,7 @@
 use super::schema::{schema, SpecDType, TensorSpec};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::rng::{mix, GAMMA};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -12,8 +13,6 @@ use std::path::Path;
 
 /// The generator's name, as written into `config.json`.
 pub const GENERATOR: &str = "segvol-random-v1";
-
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// Elements per rayon task: large enough to amortise scheduling, small enough to balance.
 const CHUNK: usize = 1 << 16;
@@ -25,14 +24,6 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
-}
-
-/// splitmix64's output function on an already advanced state.
-#[inline(always)]
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Which rule of the table in random-weights.md applies, with its `(center, scale)`.

@@ -444,31 +444,24 @@ pub(crate) mod test_util {
 
     use super::*;
 
-    /// splitmix64: a tiny deterministic generator.
-    pub struct Rng(pub u64);
+    pub use crate::rng::SplitMix64 as Rng;
 
-    impl Rng {
-        pub fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
+    /// The CPU op tests' data: uniform in [-1, 1), never exactly zero.
+    pub trait OpData {
+        fn f32(&mut self) -> f32;
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f32()).collect()
         }
+    }
 
-        /// Uniform in [-1, 1), never exactly zero.
-        pub fn f32(&mut self) -> f32 {
-            let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-            let v = 2.0 * u - 1.0;
+    impl OpData for Rng {
+        fn f32(&mut self) -> f32 {
+            let v = 2.0 * self.unit() - 1.0;
             if v == 0.0 {
                 0.5
             } else {
                 v
             }
-        }
-
-        pub fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.f32()).collect()
         }
     }
 

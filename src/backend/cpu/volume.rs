@@ -793,24 +793,8 @@ pub fn threshold_u8(x: &[f32], out: &mut [u8], threshold: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::SplitMix64 as Rng;
 
-    /// splitmix64: deterministic pseudo-random test data.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn f32(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
 
     fn idx(dims: [usize; 3], d: usize, h: usize, w: usize) -> usize {
         (d * dims[1] + h) * dims[2] + w
@@ -837,7 +821,7 @@ mod tests {
         }
         let mut r = Rng(7);
         for n in [0usize, 1, 7, 8, 9, 127, 128, 129, 1000, 8191, 8193, 20011] {
-            let a: Vec<f32> = (0..n).map(|_| r.f32() * 200.0 - 100.0).collect();
+            let a: Vec<f32> = (0..n).map(|_| r.unit() * 200.0 - 100.0).collect();
             assert_eq!(
                 pairwise_sum_f32(&a).to_bits(),
                 tree(&a, 0, n).to_bits(),
@@ -863,7 +847,7 @@ mod tests {
     fn numpy_sum_is_chunked_and_thread_independent() {
         let mut r = Rng(11);
         let n = 3 * NP_BUFSIZE + 517;
-        let a: Vec<f32> = (0..n).map(|_| r.f32() * 3000.0 - 1000.0).collect();
+        let a: Vec<f32> = (0..n).map(|_| r.unit() * 3000.0 - 1000.0).collect();
         let mut expect = 0f32;
         for c in a.chunks(NP_BUFSIZE) {
             expect += pairwise_sum_f32(c);
@@ -958,7 +942,7 @@ mod tests {
         let mut r = Rng(5);
         let dims = [9usize, 31, 257];
         let x: Vec<f32> = (0..dims.iter().product::<usize>())
-            .map(|_| r.f32() * 1500.0 - 900.0)
+            .map(|_| r.unit() * 1500.0 - 900.0)
             .collect();
         check_stats(&x, dims);
         // Integer-valued but with a range too wide for the histogram.
@@ -999,7 +983,7 @@ mod tests {
     #[test]
     fn clip_zscore_and_shift_scale_elementwise() {
         let mut r = Rng(9);
-        let x: Vec<f32> = (0..100_003).map(|_| r.f32() * 2000.0 - 1000.0).collect();
+        let x: Vec<f32> = (0..100_003).map(|_| r.unit() * 2000.0 - 1000.0).collect();
         let mut z = vec![0f32; x.len()];
         let (mn, mx) = clip_zscore(&x, &mut z, -300.5, 700.25, 12.5, 87.3);
         let mut emn = f32::INFINITY;
@@ -1031,9 +1015,9 @@ mod tests {
             let x: Vec<f32> = (0..n)
                 .map(|_| {
                     if r.below(1000) < density {
-                        r.f32() + 0.01
+                        r.unit() + 0.01
                     } else {
-                        -r.f32()
+                        -r.unit()
                     }
                 })
                 .collect();
@@ -1080,7 +1064,7 @@ mod tests {
         let mut r = Rng(33);
         let sdims = [7usize, 11, 13];
         let src: Vec<f32> = (0..sdims.iter().product::<usize>())
-            .map(|_| r.f32())
+            .map(|_| r.unit())
             .collect();
         let ddims = [9usize, 10, 17];
         for trial in 0..60 {
@@ -1155,7 +1139,7 @@ mod tests {
                 r.below((dims[2] - window[2]) as u64 + 1) as usize,
             ];
             let win: Vec<f32> = (0..window.iter().product::<usize>())
-                .map(|_| r.f32() * 4.0 - 2.0)
+                .map(|_| r.unit() * 4.0 - 2.0)
                 .collect();
             accumulate_window(&win, window, &mut acc, &mut cnt, dims, start);
             for d in 0..window[0] {

@@ -681,23 +681,8 @@ mod tests {
     //! definition of [`GemmArgs`] on random problems. Addresses here are element indices into
     //! one f64 "memory" (element size 1), which is all `plan` needs.
     use super::*;
+    use crate::rng::SplitMix64 as Rng;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn f(&mut self) -> f64 {
-            (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        }
-    }
 
     /// The activations in f64 (both sides of each comparison use this).
     fn act64(act: Act, x: f64) -> f64 {
@@ -908,7 +893,7 @@ mod tests {
             }),
         };
         let scratch = region(batch * m * n, 1);
-        let mut mem: Vec<f64> = (0..top).map(|_| rng.f()).collect();
+        let mut mem: Vec<f64> = (0..top).map(|_| rng.unit_f64() * 2.0 - 1.0).collect();
         let args = GemmArgs {
             batch,
             m,
@@ -951,10 +936,10 @@ mod tests {
         let mut paths = [0usize; 3];
         for trial in 0..400 {
             let case = Case {
-                batch: 1 + rng.below(3),
-                m: 1 + rng.below(9),
-                n: 1 + rng.below(9),
-                k: 1 + rng.below(9),
+                batch: 1 + rng.below(3) as usize,
+                m: 1 + rng.below(9) as usize,
+                n: 1 + rng.below(9) as usize,
+                k: 1 + rng.below(9) as usize,
                 b_trans: rng.below(2) == 0,
                 bcast_a: rng.below(5) == 0,
                 bcast_b: rng.below(3) == 0,
@@ -964,7 +949,7 @@ mod tests {
                     1 => Some(true),
                     _ => Some(false),
                 },
-                act: acts[rng.below(4)],
+                act: acts[rng.below(4) as usize],
                 residual: rng.below(5) as u8,
                 alpha: if trial % 4 == 0 { 0.5 } else { 1.0 },
             };

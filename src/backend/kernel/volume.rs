@@ -849,29 +849,16 @@ pub unsafe fn threshold_u8(
 mod tests {
     use super::*;
     use crate::backend::emu::{EmuDevice, EmuOptions, Schedule};
+    use crate::rng::SplitMix64 as Rng;
 
-    /// splitmix64.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn unit(&mut self) -> f64 {
-            (self.next() >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
 
     /// Values over seven decades, both signs: every change of the summation grouping shows.
     fn wide_range(n: usize, seed: u64) -> Vec<f32> {
         let mut r = Rng(seed);
         (0..n)
             .map(|_| {
-                let m = 10f64.powf(r.unit() * 7.0 - 3.0);
-                (if r.next() & 1 == 0 { m } else { -0.3 * m }) as f32
+                let m = 10f64.powf(r.unit_f64() * 7.0 - 3.0);
+                (if r.next_u64() & 1 == 0 { m } else { -0.3 * m }) as f32
             })
             .collect()
     }
