@@ -18,15 +18,7 @@ use std::time::{Duration, Instant};
 
 /// Deterministic values in [-0.5, 0.5) (never all zero).
 fn filled(be: &CpuBackend, n: usize, seed: u64) -> Buffer {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
+    let v = segvol::rng::SplitMix64(seed).values(n, -0.5, 0.5);
     let b = be.alloc(n * 4).unwrap();
     unsafe { be.upload(b.addr(), bytemuck::cast_slice(&v)).unwrap() };
     b

@@ -24,15 +24,7 @@ fn model_call(c: &mut Criterion) {
     let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let model = SegVol::new(cfg.clone(), Arc::new(store), tok, backend.clone()).unwrap();
     let n = cfg.window_voxels();
-    let mut s = 0x9E37_79B9_7F4A_7C15u64;
-    let window: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / 16_777_216.0
-        })
-        .collect();
+    let window = segvol::rng::SplitMix64(1).values(n, 0.0, 1.0);
     let img = backend.alloc(n * 4).unwrap();
     let emb = backend.alloc(model.embedding_bytes()).unwrap();
     let logits = backend.alloc(n * 4).unwrap();

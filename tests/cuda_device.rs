@@ -13,6 +13,7 @@ use segvol::backend::cuda::{driver_present, CudaDevice};
 use segvol::backend::kernel::{embedded, KernelArgs, KernelDevice};
 use segvol::backend::{Act, Buffer, GemmArgs, Residual};
 use segvol::dtype::{decode_f32, encode_f32, DType};
+use segvol::rng::SplitMix64 as Rng;
 use segvol::Error;
 use std::sync::Mutex;
 
@@ -86,24 +87,6 @@ fn an_ordinal_out_of_range_is_unavailable() {
 }
 
 // ----- helpers for the GPU tests -----
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-scale, scale).
-    fn f(&mut self, scale: f32) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f(scale)).collect()
-    }
-}
 
 /// A device buffer with its host contents, rounded to `dtype`.
 struct Dev {
@@ -332,16 +315,24 @@ fn run_case(dev: &CudaDevice, dtype: DType, case: &Case, rng: &mut Rng) -> f64 {
     let sb = if case.bcast_b { 0 } else { b_rows * ldb + pad };
     let sc = if case.bcast_b { m * ldc } else { m * ldc + pad };
     let wscale = 1.0 / (k as f32).sqrt();
-    let a = Dev::new(dev, rng.vec(off + sa * (batch - 1) + m * lda, 1.0), dtype);
-    let b = Dev::new(
+    let a = Dev::new(
         dev,
-        rng.vec(off + sb * (batch - 1) + b_rows * ldb, wscale),
+        rng.values(off + sa * (batch - 1) + m * lda, -1.0, 1.0),
         dtype,
     );
-    let c = Dev::new(dev, rng.vec(off + sc * (batch - 1) + m * ldc, 1.0), dtype);
+    let b = Dev::new(
+        dev,
+        rng.values(off + sb * (batch - 1) + b_rows * ldb, -wscale, wscale),
+        dtype,
+    );
+    let c = Dev::new(
+        dev,
+        rng.values(off + sc * (batch - 1) + m * ldc, -1.0, 1.0),
+        dtype,
+    );
     let bias = case
         .bias
-        .then(|| Dev::new(dev, rng.vec(off + n, 0.5), dtype));
+        .then(|| Dev::new(dev, rng.values(off + n, -0.5, 0.5), dtype));
     let (res, residual) = match case.residual {
         Res::None => (None, None),
         Res::InPlace => (
@@ -353,7 +344,7 @@ fn run_case(dev: &CudaDevice, dtype: DType, case: &Case, rng: &mut Rng) -> f64 {
             }),
         ),
         Res::Other => {
-            let r = Dev::new(dev, rng.vec(batch * m * (n + 2), 1.0), dtype);
+            let r = Dev::new(dev, rng.values(batch * m * (n + 2), -1.0, 1.0), dtype);
             let res = Residual {
                 addr: r.at(0),
                 ld: n + 2,
@@ -362,7 +353,7 @@ fn run_case(dev: &CudaDevice, dtype: DType, case: &Case, rng: &mut Rng) -> f64 {
             (Some(r), Some(res))
         }
         Res::BatchBroadcast => {
-            let r = Dev::new(dev, rng.vec(m * n, 1.0), dtype);
+            let r = Dev::new(dev, rng.values(m * n, -1.0, 1.0), dtype);
             let res = Residual {
                 addr: r.at(0),
                 ld: n,
@@ -371,7 +362,7 @@ fn run_case(dev: &CudaDevice, dtype: DType, case: &Case, rng: &mut Rng) -> f64 {
             (Some(r), Some(res))
         }
         Res::Ld0 => {
-            let r = Dev::new(dev, rng.vec(batch * n, 1.0), dtype);
+            let r = Dev::new(dev, rng.values(batch * n, -1.0, 1.0), dtype);
             let res = Residual {
                 addr: r.at(0),
                 ld: 0,
@@ -540,9 +531,9 @@ fn a_kernel_launches_by_name() {
     // c = relu(c + bias) + residual over 2 batches of 300 x 7 (ldc 9), launched directly.
     let (batch, m, n, ldc) = (2usize, 300usize, 7usize, 9usize);
     let mut rng = Rng(5);
-    let c = Dev::new(&dev, rng.vec(batch * m * ldc, 1.0), DType::F32);
-    let bias = Dev::new(&dev, rng.vec(n, 1.0), DType::F32);
-    let r = Dev::new(&dev, rng.vec(m * n, 1.0), DType::F32);
+    let c = Dev::new(&dev, rng.values(batch * m * ldc, -1.0, 1.0), DType::F32);
+    let bias = Dev::new(&dev, rng.values(n, -1.0, 1.0), DType::F32);
+    let r = Dev::new(&dev, rng.values(m * n, -1.0, 1.0), DType::F32);
     let mut args = KernelArgs::new();
     args.ptr(c.at(0))
         .i32(ldc as i32)
@@ -647,15 +638,15 @@ fn a_captured_graph_replays_bit_identically() {
     let (m, c, f) = (97usize, 64usize, 256usize);
     let mut rng = Rng(9);
     let bf = DType::BF16;
-    let x = Dev::new(&dev, rng.vec(m * c, 1.0), bf);
+    let x = Dev::new(&dev, rng.values(m * c, -1.0, 1.0), bf);
     let h = Dev::new(&dev, vec![0.0; m * f], bf);
-    let w1 = Dev::new(&dev, rng.vec(f * c, 0.125), bf);
-    let b1 = Dev::new(&dev, rng.vec(f, 0.5), bf);
-    let w2 = Dev::new(&dev, rng.vec(c * f, 0.0625), bf);
-    let b2 = Dev::new(&dev, rng.vec(c, 0.5), bf);
+    let w1 = Dev::new(&dev, rng.values(f * c, -0.125, 0.125), bf);
+    let b1 = Dev::new(&dev, rng.values(f, -0.5, 0.5), bf);
+    let w2 = Dev::new(&dev, rng.values(c * f, -0.0625, 0.0625), bf);
+    let b2 = Dev::new(&dev, rng.values(c, -0.5, 0.5), bf);
     let inputs = [
         encode_f32(&x.host, bf),
-        encode_f32(&rng.vec(m * c, 1.0), bf),
+        encode_f32(&rng.values(m * c, -1.0, 1.0), bf),
     ];
 
     // Eager results for both inputs (this also warms up cuBLASLt and the kernels).
@@ -707,17 +698,17 @@ fn overlapped_uploads_arrive_intact() {
     let mut rng = Rng(77);
     let total = 80 << 20;
     let data: Vec<u8> = (0..total / 8)
-        .flat_map(|_| rng.next().to_le_bytes())
+        .flat_map(|_| rng.next_u64().to_le_bytes())
         .collect();
     let buf = dev.alloc(total).unwrap();
     let (m, c, f) = (97usize, 64usize, 256usize);
     let bf = DType::BF16;
-    let x = Dev::new(&dev, rng.vec(m * c, 1.0), bf);
+    let x = Dev::new(&dev, rng.values(m * c, -1.0, 1.0), bf);
     let h = Dev::new(&dev, vec![0.0; m * f], bf);
-    let w1 = Dev::new(&dev, rng.vec(f * c, 0.125), bf);
-    let b1 = Dev::new(&dev, rng.vec(f, 0.5), bf);
-    let w2 = Dev::new(&dev, rng.vec(c * f, 0.0625), bf);
-    let b2 = Dev::new(&dev, rng.vec(c, 0.5), bf);
+    let w1 = Dev::new(&dev, rng.values(f * c, -0.125, 0.125), bf);
+    let b1 = Dev::new(&dev, rng.values(f, -0.5, 0.5), bf);
+    let w2 = Dev::new(&dev, rng.values(c * f, -0.0625, 0.0625), bf);
+    let b2 = Dev::new(&dev, rng.values(c, -0.5, 0.5), bf);
     let split = 45 << 20;
     unsafe {
         dev.upload_overlapped(buf.addr(), &data[..split]).unwrap();

@@ -9,29 +9,12 @@ use segvol::backend::emu::{EmuDevice, EmuOptions, Schedule};
 use segvol::backend::kernel::{embedded, Dim3, KernelArgs, KernelDevice};
 use segvol::backend::{Act, Buffer, GemmArgs, Residual};
 use segvol::dtype::DType;
+use segvol::rng::SplitMix64 as Rng;
 use segvol::Error;
 
 // ------------------------------------------------------------------------------------------------
 // helpers
 // ------------------------------------------------------------------------------------------------
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in [lo, hi).
-    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-}
 
 /// The default device for a test: options from the environment (so CI can rerun the suite under
 /// another schedule), falling back to the defaults.
@@ -130,7 +113,7 @@ fn reverse_case(d: &EmuDevice, n: usize, use_barrier: bool, seed: u64) -> (Vec<f
     let grid = [4u32, 2, 1];
     let blocks = 8;
     let mut rng = Rng(seed);
-    let input: Vec<f32> = (0..blocks * n).map(|_| rng.f32(-1.0, 1.0)).collect();
+    let input: Vec<f32> = (0..blocks * n).map(|_| rng.range(-1.0, 1.0)).collect();
     let expected: Vec<f32> = (0..blocks * n)
         .map(|i| input[(i / n) * n + (n - 1 - i % n)])
         .collect();
@@ -442,7 +425,7 @@ fn dynamic_shared_memory_is_poisoned_per_block() {
 fn cp_async_case(d: &EmuDevice, mode: i32, valid_chunks: usize) -> (Vec<f32>, Vec<f32>) {
     let (blocks, n) = (3usize, 64usize);
     let mut rng = Rng(9);
-    let input: Vec<f32> = (0..blocks * 8 * n).map(|_| rng.f32(-4.0, 4.0)).collect();
+    let input: Vec<f32> = (0..blocks * 8 * n).map(|_| rng.range(-4.0, 4.0)).collect();
     let a = up(d, &input);
     let o = up(d, &vec![0f32; blocks * 8 * n]);
     launch(
@@ -754,7 +737,7 @@ fn softmax_case(
 fn schedules_and_workers_give_bit_identical_results() {
     let (rows, cols) = (37usize, 1000usize);
     let mut rng = Rng(21);
-    let x: Vec<f32> = (0..rows * cols).map(|_| rng.f32(-6.0, 6.0)).collect();
+    let x: Vec<f32> = (0..rows * cols).map(|_| rng.range(-6.0, 6.0)).collect();
     for (dt, act) in [
         (DType::F32, Act::Gelu),
         (DType::BF16, Act::QuickGelu),
@@ -814,7 +797,7 @@ fn schedules_and_workers_give_bit_identical_results() {
 fn act_codes_match_act_apply() {
     let d = dev();
     let mut rng = Rng(4);
-    let mut x: Vec<f32> = (0..20_000).map(|_| rng.f32(-10.0, 10.0)).collect();
+    let mut x: Vec<f32> = (0..20_000).map(|_| rng.range(-10.0, 10.0)).collect();
     x.extend([
         0.0,
         -0.0,
@@ -869,7 +852,7 @@ fn concurrent_launches_from_several_threads() {
     let inputs: Vec<Vec<f32>> = (0..4)
         .map(|t| {
             let mut rng = Rng(100 + t);
-            (0..rows * cols).map(|_| rng.f32(-3.0, 3.0)).collect()
+            (0..rows * cols).map(|_| rng.range(-3.0, 3.0)).collect()
         })
         .collect();
     let single: Vec<_> = inputs
@@ -1019,7 +1002,7 @@ fn float_to_half_and_bf16_rounding_sweep() {
         }
     }
     let mut rng = Rng(77);
-    xs.extend((0..100_000).map(|_| f32::from_bits(rng.next() as u32)));
+    xs.extend((0..100_000).map(|_| f32::from_bits(rng.next_u64() as u32)));
     xs.extend([
         0.0,
         -0.0,
@@ -1067,7 +1050,7 @@ fn half_and_bf16_arithmetic_is_exact() {
     for bf in [false, true] {
         // Finite operands, spread over the exponent range of each type.
         let gen = |rng: &mut Rng| loop {
-            let b = rng.next() as u16;
+            let b = rng.next_u64() as u16;
             let f = if bf {
                 bf16::from_bits(b).to_f32()
             } else {
@@ -1197,11 +1180,11 @@ fn wmma_gemm_f16_and_bf16() {
     for dt in [DType::F16, DType::BF16] {
         let mut rng = Rng(31);
         let a = segvol::dtype::round_through(
-            &(0..m * k).map(|_| rng.f32(-2.0, 2.0)).collect::<Vec<_>>(),
+            &(0..m * k).map(|_| rng.range(-2.0, 2.0)).collect::<Vec<_>>(),
             dt,
         );
         let bt = segvol::dtype::round_through(
-            &(0..n * k).map(|_| rng.f32(-2.0, 2.0)).collect::<Vec<_>>(),
+            &(0..n * k).map(|_| rng.range(-2.0, 2.0)).collect::<Vec<_>>(),
             dt,
         );
         let b_kn: Vec<f32> = (0..k * n).map(|i| bt[(i % n) * k + i / n]).collect();
@@ -1248,11 +1231,11 @@ fn mma_sync_m16n8k16_gemm_with_ldmatrix_and_cp_async() {
         for b_kn_layout in [false, true] {
             let mut rng = Rng(41 + b_kn_layout as u64);
             let a = segvol::dtype::round_through(
-                &(0..m * k).map(|_| rng.f32(-2.0, 2.0)).collect::<Vec<_>>(),
+                &(0..m * k).map(|_| rng.range(-2.0, 2.0)).collect::<Vec<_>>(),
                 dt,
             );
             let b_kn = segvol::dtype::round_through(
-                &(0..k * n).map(|_| rng.f32(-2.0, 2.0)).collect::<Vec<_>>(),
+                &(0..k * n).map(|_| rng.range(-2.0, 2.0)).collect::<Vec<_>>(),
                 dt,
             );
             // Stored as (N x K) for the ldmatrix path, as (K x N) for the .trans path.
@@ -1327,7 +1310,7 @@ fn gemm_case(c: &GemmCase, dt: DType, seed: u64) {
     let mut rng = Rng(seed);
     let mut rand = |len: usize| -> Vec<f32> {
         segvol::dtype::round_through(
-            &(0..len).map(|_| rng.f32(-1.5, 1.5)).collect::<Vec<_>>(),
+            &(0..len).map(|_| rng.range(-1.5, 1.5)).collect::<Vec<_>>(),
             dt,
         )
     };

@@ -6,6 +6,7 @@
 
 use segvol::io::coords::{self, Affine};
 use segvol::io::nifti::{read_volume, write_mask, write_volume_f32, NiftiDtype, NiftiVersion};
+use segvol::rng::SplitMix64 as Rng;
 use segvol::Error;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -15,22 +16,6 @@ const TINY_SUB64: &str = "tests/fixtures/data/example_ct_sm_sub64.nii.gz";
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 fn shared_data(name: &str) -> Option<PathBuf> {
     let mut dirs = Vec::new();
@@ -215,7 +200,7 @@ fn random_payload(dtype: NiftiDtype, n: usize, be: bool, rng: &mut Rng) -> (Vec<
     let mut bytes = Vec::new();
     let mut vals = Vec::new();
     for _ in 0..n {
-        let r = rng.next();
+        let r = rng.next_u64();
         let (mut le, v): (Vec<u8>, f64) = match dtype {
             NiftiDtype::U8 => (vec![r as u8], (r as u8) as f64),
             NiftiDtype::I8 => (vec![r as u8], (r as u8 as i8) as f64),
@@ -223,11 +208,11 @@ fn random_payload(dtype: NiftiDtype, n: usize, be: bool, rng: &mut Rng) -> (Vec<
             NiftiDtype::U16 => ((r as u16).to_le_bytes().to_vec(), (r as u16) as f64),
             NiftiDtype::I32 => ((r as i32).to_le_bytes().to_vec(), (r as i32) as f64),
             NiftiDtype::F32 => {
-                let v = ((rng.unit() - 0.5) * 4000.0) as f32;
+                let v = ((rng.unit_f64() - 0.5) * 4000.0) as f32;
                 (v.to_le_bytes().to_vec(), v as f64)
             }
             NiftiDtype::F64 => {
-                let v = (rng.unit() - 0.5) * 4000.0;
+                let v = (rng.unit_f64() - 0.5) * 4000.0;
                 (v.to_le_bytes().to_vec(), v)
             }
         };
@@ -300,7 +285,7 @@ fn check_fixture_ct(path: &Path, dims: [usize; 3]) {
     // A few voxels by (i,j,k): the index is i + X*(j + Y*k).
     let mut rng = Rng(7);
     for _ in 0..32 {
-        let ijk = [0, 1, 2].map(|a| (rng.next() % dims[a] as u64) as usize);
+        let ijk = [0, 1, 2].map(|a| (rng.next_u64() % dims[a] as u64) as usize);
         let n = ijk[0] + dims[0] * (ijk[1] + dims[1] * ijk[2]);
         assert_eq!(vol.index(ijk), n);
         assert_eq!(vol.ijk(n), ijk);
@@ -450,7 +435,7 @@ fn mask_from_scaled_big_endian_input_resets_scaling() {
     s.inter = -1024.0;
     let ct = read_volume(&s.write(dir.path(), "ct.nii")).unwrap();
     assert!(ct.header.big_endian);
-    let mask: Vec<u8> = (0..60).map(|_| (rng.next() % 2) as u8).collect();
+    let mask: Vec<u8> = (0..60).map(|_| (rng.next_u64() % 2) as u8).collect();
     let out = dir.path().join("m.nii.gz");
     write_mask(&out, &ct, &mask).unwrap();
     let back = read_volume(&out).unwrap();
@@ -470,7 +455,7 @@ fn float_volume_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let ct = read_volume(Path::new(TINY_SUB64)).unwrap();
     let mut rng = Rng(3);
-    let probs: Vec<f32> = (0..ct.len()).map(|_| rng.unit() as f32).collect();
+    let probs: Vec<f32> = (0..ct.len()).map(|_| rng.unit_f64() as f32).collect();
     for name in ["p.nii.gz", "p.nii"] {
         let out = dir.path().join(name);
         write_volume_f32(&out, &ct, &probs).unwrap();
@@ -696,7 +681,7 @@ fn small_i16(dims: &[i64]) -> Synth {
 fn error_not_nifti() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(29);
-    let junk: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
+    let junk: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
     for (name, bytes) in [
         ("junk.nii", junk.clone()),
         ("junk.nii.gz", gzip(&junk)),
@@ -798,7 +783,7 @@ fn error_nonfinite_voxels_name_the_first_one() {
         (NiftiDtype::F64, f64::NEG_INFINITY, "inf.nii"),
     ] {
         let mut rng = Rng(31);
-        let mut vals: Vec<f64> = (0..120).map(|_| rng.unit()).collect();
+        let mut vals: Vec<f64> = (0..120).map(|_| rng.unit_f64()).collect();
         let (i, j, k) = (2, 3, 1);
         let first = i + 6 * (j + 5 * k);
         vals[first] = bad;
@@ -851,7 +836,7 @@ fn error_unsupported_datatype() {
 
 fn check_round_trips(affine: &Affine, rng: &mut Rng) {
     for _ in 0..100 {
-        let ijk = [0, 1, 2].map(|_| (rng.unit() - 0.2) * 300.0);
+        let ijk = [0, 1, 2].map(|_| (rng.unit_f64() - 0.2) * 300.0);
         let mm = coords::world_from_voxel(affine, ijk);
         let back = coords::voxel_from_world(affine, mm).unwrap();
         for a in 0..3 {
@@ -918,13 +903,13 @@ fn coords_qform_rotation_and_qfac() {
     check_round_trips(&a, &mut rng);
     // Random unit quaternions, both qfac: columns have the pixdim lengths and are orthogonal.
     for _ in 0..20 {
-        let mut q = [0, 1, 2, 3].map(|_| rng.unit() - 0.5);
+        let mut q = [0, 1, 2, 3].map(|_| rng.unit_f64() - 0.5);
         let n = q.iter().map(|v| v * v).sum::<f64>().sqrt();
         q.iter_mut().for_each(|v| *v /= n);
         if q[0] < 0.0 {
             q.iter_mut().for_each(|v| *v = -*v);
         }
-        let qfac = if rng.next() & 1 == 0 { 1.0 } else { -1.0 };
+        let qfac = if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 };
         let pix = [qfac, 0.7, 1.1, 3.0];
         let a = coords::qform_affine([q[1], q[2], q[3]], [5.0, -6.0, 7.0], pix);
         let col = |j: usize| [a[0][j], a[1][j], a[2][j]];

@@ -19,6 +19,7 @@ use segvol::backend::{
 };
 use segvol::dtype::{encode_f32, DType};
 use segvol::error::Error;
+use segvol::rng::SplitMix64 as Rng;
 
 /// The kernel devices, one per device spec: the volume ops are f32 whatever the storage
 /// precision (copy_box takes its destination dtype as an argument and is run in all three).
@@ -31,25 +32,6 @@ fn volume_devices() -> Vec<OpDevice> {
         }
     }
     out
-}
-
-/// A splitmix64 stream for test data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A CT-like integer volume (HU): air around -1000, soft tissue, some bone up to 3071.
@@ -239,9 +221,9 @@ fn foreground_stats_errors_match_cpu() {
         let mut r = Rng(next_seed());
         let n = 5 * 7 * 9;
         let dims = [5, 7, 9];
-        let mut nan = hu_volume(n, r.next());
+        let mut nan = hu_volume(n, r.next_u64());
         nan[r.below(n as u64) as usize] = f32::NAN;
-        let mut inf = float_volume(n, r.next());
+        let mut inf = float_volume(n, r.next_u64());
         inf[r.below(n as u64) as usize] = f32::NEG_INFINITY;
         let cases: Vec<(&str, Vec<f32>, [usize; 3])> = vec![
             ("constant", vec![2.5; n], dims),
@@ -481,7 +463,7 @@ fn copy_box_matches_cpu_with_padding_and_dtypes() {
         let seed = next_seed();
         let mut r = Rng(seed);
         let sdims = [7usize, 33, 129];
-        let src = random(sdims.iter().product(), 50.0, r.next());
+        let src = random(sdims.iter().product(), 50.0, r.next_u64());
         let ddims = [9usize, 40, 131];
         let nd: usize = ddims.iter().product();
         for trial in 0..18 {
@@ -549,7 +531,7 @@ fn copy_box_matches_cpu_with_padding_and_dtypes() {
         );
         // A realistic window: 32x256x256 out of a 64x300x280 volume, padded on two sides.
         let sdims = [64usize, 300, 280];
-        let src = random(sdims.iter().product(), 1.0, r.next());
+        let src = random(sdims.iter().product(), 1.0, r.next_u64());
         let window = [32usize, 256, 256];
         let nw: usize = window.iter().product();
         let src_start = [40i64, -20, 100];
@@ -610,7 +592,7 @@ fn accumulate_window_matches_cpu() {
                 .map(|_| {
                     let start =
                         [0, 1, 2].map(|a| r.below((dims[a] - window[a]) as u64 + 1) as usize);
-                    (random(nw, 4.0, r.next()), start)
+                    (random(nw, 4.0, r.next_u64()), start)
                 })
                 .collect();
             let run = |be: &dyn Backend| {
@@ -769,9 +751,9 @@ fn all_outputs(be: &dyn Backend, seed: u64) -> Vec<Vec<u8>> {
     let n: usize = dims.iter().product();
     let mut r = Rng(seed);
     // Statistics: histogram in shared memory, global histogram, float selection.
-    let hu = hu_volume(n, r.next());
+    let hu = hu_volume(n, r.next_u64());
     let wide: Vec<f32> = (0..n).map(|_| r.below(100_000) as f32).collect();
-    let fl = float_volume(n, r.next());
+    let fl = float_volume(n, r.next_u64());
     let mut res = Vec::new();
     for x in [&hu, &wide, &fl] {
         res.push(stats_bytes(stats_on(be, x, dims, false)));
@@ -828,7 +810,7 @@ fn all_outputs(be: &dyn Backend, seed: u64) -> Vec<Vec<u8>> {
     unsafe { be.fill(acc.addr(), n, 0.0) }.unwrap();
     unsafe { be.fill(cnt.addr(), n, 0.0) }.unwrap();
     for k in 0..3 {
-        let w = upload(be, &random(nw, 2.0, r.next()), DType::F32);
+        let w = upload(be, &random(nw, 2.0, r.next_u64()), DType::F32);
         let args = AccumulateArgs {
             win: w.addr(),
             window,

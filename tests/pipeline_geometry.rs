@@ -68,16 +68,7 @@ fn fill_box(x: &mut [f32], dims: [usize; 3], b: BBox, v: f32) {
 
 /// splitmix64 in [0, 1): the stand-in ROI image of the blend check.
 fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-        })
-        .collect()
+    segvol::rng::SplitMix64(seed).values(n, 0.0, 1.0)
 }
 
 /// ROI bounds and shape against a case (`None` when the fixture bounds are null).

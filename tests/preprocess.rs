@@ -217,12 +217,10 @@ fn timing_large_volume() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     let dims = [slices, 512, 512];
-    let mut s = 0x1234_5678u64;
+    let mut rng = segvol::rng::SplitMix64(0x1234_5678);
     let vol: Vec<f32> = (0..dims.iter().product::<usize>())
         .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
+            let s = rng.next_u64();
             let (h, w) = ((i / 512) % 512, i % 512);
             let r2 = (h as f32 - 256.0).powi(2) + (w as f32 - 256.0).powi(2);
             let body = if r2 < 200.0 * 200.0 { 40.0 } else { -1000.0 };

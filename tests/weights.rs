@@ -567,15 +567,9 @@ fn write_flat_bin(
     write_zip(path, &all);
 }
 
-fn xorshift_bytes(n: usize, mut s: u64) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = segvol::rng::SplitMix64(seed);
+    (0..n).map(|_| (rng.next_u64() >> 24) as u8).collect()
 }
 
 /// A training checkpoint as `SegVol_v1.pth`: `{'model': OrderedDict(module.* tensors),
@@ -702,7 +696,7 @@ fn write_training_checkpoint(path: &Path) {
     p.int(3);
     p.op(b"sb");
     p.op(b"u.");
-    entries.push(("SegVol_v1/data/opt0".to_string(), xorshift_bytes(96 * 4, 7)));
+    entries.push(("SegVol_v1/data/opt0".to_string(), random_bytes(96 * 4, 7)));
     let mut all = vec![
         ("SegVol_v1/data.pkl".to_string(), p.out),
         ("SegVol_v1/byteorder".to_string(), b"little".to_vec()),
@@ -921,7 +915,7 @@ fn unexpected_extra_key_is_reported() {
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(tiny_model().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let extra = xorshift_bytes(4 * 12, 3);
+    let extra = random_bytes(4 * 12, 3);
     let mut views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
     views.push((
         "model.mask_decoder.extra_head.weight".into(),
@@ -991,7 +985,7 @@ fn non_contiguous_tensor_is_reported() {
         &path,
         &[
             ("archive/data.pkl".into(), p.out),
-            ("archive/data/0".into(), xorshift_bytes(24, 5)),
+            ("archive/data/0".into(), random_bytes(24, 5)),
         ],
     );
     let msg = WeightStore::open(&path, &ModelConfig::tiny())
@@ -1045,10 +1039,10 @@ fn garbage_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ModelConfig::tiny();
     for (name, bytes) in [
-        ("a.safetensors", xorshift_bytes(5000, 11)),
-        ("b.bin", xorshift_bytes(5000, 12)),
+        ("a.safetensors", random_bytes(5000, 11)),
+        ("b.bin", random_bytes(5000, 12)),
         ("c.pth", b"PK\x03\x04 not really a zip".to_vec()),
-        ("d.weights", xorshift_bytes(64, 13)),
+        ("d.weights", random_bytes(64, 13)),
         ("e.safetensors", Vec::new()),
     ] {
         let path = dir.path().join(name);
@@ -1067,12 +1061,10 @@ fn damaged_bin_never_panics() {
     let path = dir.path().join("pytorch_model.bin");
     let good = std::fs::read(tiny_model().join("pytorch_model.bin")).unwrap();
     let cd = good.len() - 40_000; // the central directory and end record are in the tail
-    let mut s: u64 = 0x2545F4914F6CDD1D;
+    let mut rng = segvol::rng::SplitMix64(0x2545_F491_4F6C_DD1D);
     let mut errors = 0;
     for i in 0..300 {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
+        let s = rng.next_u64();
         let mut bad = good.clone();
         let at = if i % 2 == 0 {
             (s % 29_400) as usize // data.pkl

@@ -105,17 +105,7 @@ pub fn next_seed() -> u64 {
 
 /// `n` uniform values in `[-scale, scale)`, never all zero.
 pub fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / 16_777_216.0 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    segvol::rng::SplitMix64(seed ^ 0xD1B5_4A32_D192_ED03).values(n, -scale, scale)
 }
 
 /// A device buffer holding values of one dtype.

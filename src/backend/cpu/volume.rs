@@ -795,7 +795,6 @@ mod tests {
     use super::*;
     use crate::rng::SplitMix64 as Rng;
 
-
     fn idx(dims: [usize; 3], d: usize, h: usize, w: usize) -> usize {
         (d * dims[1] + h) * dims[2] + w
     }

@@ -683,7 +683,6 @@ mod tests {
     use super::*;
     use crate::rng::SplitMix64 as Rng;
 
-
     /// The activations in f64 (both sides of each comparison use this).
     fn act64(act: Act, x: f64) -> f64 {
         match act {

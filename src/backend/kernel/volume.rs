@@ -637,7 +637,10 @@ pub unsafe fn copy_box(dev: &dyn KernelDevice, a: &CopyBoxArgs) -> Result<()> {
     crate::backend::check_sub_box(a.dst_dims, a.dst_start, a.extent)
         .map_err(|m| bad(dev, op, format!("destination {m}")))?;
     // Keeps every source index within 64 bits.
-    if a.src_start.iter().any(|s| s.unsigned_abs() > i32::MAX as u64) {
+    if a.src_start
+        .iter()
+        .any(|s| s.unsigned_abs() > i32::MAX as u64)
+    {
         return Err(bad(
             dev,
             op,
@@ -850,7 +853,6 @@ mod tests {
     use super::*;
     use crate::backend::emu::{EmuDevice, EmuOptions, Schedule};
     use crate::rng::SplitMix64 as Rng;
-
 
     /// Values over seven decades, both signs: every change of the summation grouping shows.
     fn wide_range(n: usize, seed: u64) -> Vec<f32> {

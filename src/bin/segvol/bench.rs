@@ -69,15 +69,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let batch = a.batch.max(1);
     let win = cfg.window_voxels();
     // Pseudo-random windows in [0, 1].
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let images: Vec<f32> = (0..batch * win)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / 16_777_216.0
-        })
-        .collect();
+    let images = segvol::rng::SplitMix64(0x2545_F491_4F6C_DD1D).values(batch * win, 0.0, 1.0);
     let img = b.alloc(images.len() * 4)?;
     let emb = b.alloc(batch * model.embedding_bytes())?;
     let logits = b.alloc(batch * win * 4)?;
