@@ -46,16 +46,24 @@ __device__ __forceinline__ float act_apply(int code, float x) {
 }
 
 // ---- warp reductions: xor butterflies, so every lane ends with the same (bit-identical) value ----
-__device__ __forceinline__ float warp_reduce_sum(float v) {
+// The reduction operators: `apply` and its identity.
+struct ReduceSum {
+    __device__ __forceinline__ static float apply(float a, float b) { return a + b; }
+    __device__ __forceinline__ static float identity() { return 0.f; }
+};
+struct ReduceMax {
+    __device__ __forceinline__ static float apply(float a, float b) { return fmaxf(a, b); }
+    __device__ __forceinline__ static float identity() { return -INFINITY; }
+};
+
+template <class Op>
+__device__ __forceinline__ float warp_reduce(float v) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = Op::apply(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-__device__ __forceinline__ float warp_reduce_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+__device__ __forceinline__ float warp_reduce_sum(float v) { return warp_reduce<ReduceSum>(v); }
+__device__ __forceinline__ float warp_reduce_max(float v) { return warp_reduce<ReduceMax>(v); }
 
 // ---- block reductions over a 1-D block of exactly BLOCK threads (BLOCK a multiple of 32) ----
 // Every thread must call them (they contain __syncthreads) and every thread gets the result.
@@ -73,11 +81,11 @@ __device__ __forceinline__ void check_block() {
 }
 }  // namespace common_detail
 
-template <int BLOCK>
-__device__ __forceinline__ float block_reduce_sum(float v) {
+template <int BLOCK, class Op>
+__device__ __forceinline__ float block_reduce(float v) {
     common_detail::check_block<BLOCK>();
     constexpr int NW = BLOCK / 32;
-    v = warp_reduce_sum(v);
+    v = warp_reduce<Op>(v);
     if (NW == 1) return v;
     __shared__ float part[NW];
     __shared__ float total;
@@ -85,32 +93,20 @@ __device__ __forceinline__ float block_reduce_sum(float v) {
     if (lane == 0) part[wid] = v;
     __syncthreads();
     if (wid == 0) {
-        float t = lane < NW ? part[lane] : 0.f;
-        t = warp_reduce_sum(t);
+        float t = lane < NW ? part[lane] : Op::identity();
+        t = warp_reduce<Op>(t);
         if (lane == 0) total = t;
     }
     __syncthreads();
     return total;
 }
-
+template <int BLOCK>
+__device__ __forceinline__ float block_reduce_sum(float v) {
+    return block_reduce<BLOCK, ReduceSum>(v);
+}
 template <int BLOCK>
 __device__ __forceinline__ float block_reduce_max(float v) {
-    common_detail::check_block<BLOCK>();
-    constexpr int NW = BLOCK / 32;
-    v = warp_reduce_max(v);
-    if (NW == 1) return v;
-    __shared__ float part[NW];
-    __shared__ float total;
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    if (lane == 0) part[wid] = v;
-    __syncthreads();
-    if (wid == 0) {
-        float t = lane < NW ? part[lane] : -INFINITY;
-        t = warp_reduce_max(t);
-        if (lane == 0) total = t;
-    }
-    __syncthreads();
-    return total;
+    return block_reduce<BLOCK, ReduceMax>(v);
 }
 
 // Two sums at once (e.g. sum and sum of squares for a norm), one pair of barriers.
