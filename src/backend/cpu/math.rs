@@ -11,10 +11,11 @@
 
 use crate::backend::Act;
 
-/// Defines `$vis fn $name(args) -> ret` that runs `$body` (an `#[inline(always)]` function)
-/// compiled for the best instruction set this CPU has.
-macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path;) => {
+/// The machinery of [`multiversion!`] and [`multiversion_fma!`]: `$fast` is called by the
+/// AVX-512 and AVX2+FMA builds, `$base` by the baseline build.
+macro_rules! multiversion_impl {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?,
+     fast: $fast:expr, base: $base:expr) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
@@ -26,7 +27,7 @@ macro_rules! multiversion {
                 {
                     #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")]
                     unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
-                        $body($($arg),*)
+                        $fast($($arg),*)
                     }
                     // SAFETY: the CPU supports every feature v4 is compiled for.
                     return unsafe { v4($($arg),*) };
@@ -36,13 +37,24 @@ macro_rules! multiversion {
                 {
                     #[target_feature(enable = "avx2,fma")]
                     unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
-                        $body($($arg),*)
+                        $fast($($arg),*)
                     }
                     // SAFETY: the CPU supports every feature v3 is compiled for.
                     return unsafe { v3($($arg),*) };
                 }
             }
-            $body($($arg),*)
+            $base($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion_impl;
+
+/// Defines `$vis fn $name(args) -> ret` that runs `$body` (an `#[inline(always)]` function)
+/// compiled for the best instruction set this CPU has.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path;) => {
+        $crate::backend::cpu::math::multiversion_impl! {
+            $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)?, fast: $body, base: $body
         }
     };
 }
@@ -52,34 +64,9 @@ pub(crate) use multiversion;
 /// builds get `FMA = true`, the baseline build `false`.
 macro_rules! multiversion_fma {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident;) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                {
-                    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")]
-                    unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
-                        $body::<true>($($arg),*)
-                    }
-                    // SAFETY: the CPU supports every feature v4 is compiled for.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
-                        $body::<true>($($arg),*)
-                    }
-                    // SAFETY: the CPU supports every feature v3 is compiled for.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            $body::<false>($($arg),*)
+        $crate::backend::cpu::math::multiversion_impl! {
+            $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)?,
+            fast: $body::<true>, base: $body::<false>
         }
     };
 }
