@@ -1,6 +1,7 @@
 //! Shared test helpers: fixture paths, the devices under test, tolerances.
 #![allow(dead_code)]
 
+pub mod fuzz;
 pub mod parity;
 
 use segvol::backend::Backend;
