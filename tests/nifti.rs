@@ -4,6 +4,8 @@
 //! library (offsets from nifti1.h / nifti2.h), and the fixture CTs are cross-checked against a
 //! direct decode (flate2 + header offsets).
 
+mod common;
+
 use segvol::io::coords::{self, Affine};
 use segvol::io::nifti::{read_volume, write_mask, write_volume_f32, NiftiDtype, NiftiVersion};
 use segvol::rng::SplitMix64 as Rng;
@@ -1033,5 +1035,74 @@ fn read_speed() {
             (total - t_read) * 1e3,
             mb(&v) / total
         );
+    }
+}
+
+/// Issue 9 item 8: trailing data behind the voxels is never read into memory, and a header
+/// declaring more data than the file can hold is refused before anything is allocated.
+#[test]
+fn trailing_data_is_not_read_and_declared_sizes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = gunzip_ref(Path::new(TINY_CT));
+    // 5 GiB of sparse trailing data: reading it whole cannot fit under the 4 GiB address-space
+    // cap; reading exactly the header and voxels takes a few hundred KiB.
+    common::fuzz::cap_memory();
+    let p = dir.path().join("tail.nii");
+    std::fs::write(&p, &full).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(full.len() as u64 + (5 << 30)).unwrap();
+    let v = read_volume(&p).unwrap();
+    assert_eq!(v.dims, [122, 101, 30]);
+    // The same behind a gzip stream: 64 MiB of zeros after the voxels, gzipped.
+    let mut tail = full.clone();
+    tail.resize(full.len() + (64 << 20), 0);
+    let pz = dir.path().join("tail.nii.gz");
+    std::fs::write(&pz, gzip(&tail)).unwrap();
+    let vz = read_volume(&pz).unwrap();
+    assert_eq!(vz.data, v.data);
+    // dims declaring 2^40 voxels: refused naming the limit, no allocation attempted.
+    let mut big = full.clone();
+    for (at, d) in [(42, 32767i16), (44, 32767), (46, 32767)] {
+        big[at..at + 2].copy_from_slice(&d.to_le_bytes());
+    }
+    let pb = dir.path().join("huge.nii");
+    std::fs::write(&pb, &big).unwrap();
+    let m = format_msg(read_volume(&pb).unwrap_err());
+    assert!(m.contains("huge.nii") && m.contains("limit"), "{m}");
+    // Within the voxel limit but more than a small gzip file can inflate to.
+    let mut mid = full[..352].to_vec();
+    for (at, d) in [(42, 2048i16), (44, 2048), (46, 256)] {
+        mid[at..at + 2].copy_from_slice(&d.to_le_bytes());
+    }
+    let pm = dir.path().join("mid.nii.gz");
+    std::fs::write(&pm, gzip(&mid)).unwrap();
+    let m = format_msg(read_volume(&pm).unwrap_err());
+    assert!(m.contains("mid.nii.gz") && m.contains("gzip file can hold"), "{m}");
+    // Uncompressed: checked against the file size first.
+    let pu = dir.path().join("mid.nii");
+    std::fs::write(&pu, &mid).unwrap();
+    let m = format_msg(read_volume(&pu).unwrap_err());
+    assert!(m.contains("truncated data"), "{m}");
+}
+
+/// Issue 9 item 8: only regular files are inputs (a device that never ends, a FIFO, a
+/// directory are refused with one line).
+#[test]
+fn non_regular_files_are_refused() {
+    for p in ["/dev/zero", "/dev/null"] {
+        if Path::new(p).exists() {
+            let m = format_msg(read_volume(Path::new(p)).unwrap_err());
+            assert!(m.contains(p) && m.contains("not a regular file"), "{m}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = format_msg(read_volume(dir.path()).unwrap_err());
+    assert!(m.contains("directory"), "{m}");
+    let fifo = dir.path().join("pipe.nii");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0 {
+        let m = format_msg(read_volume(&fifo).unwrap_err());
+        assert!(m.contains("pipe.nii") && m.contains("not a regular file"), "{m}");
     }
 }

@@ -751,25 +751,122 @@ impl Volume {
     }
 }
 
+/// The largest volume this reader accepts: 2^31 voxels (8 GiB as f32; a 512x512x8192 CT). A
+/// header that declares more is refused before anything is allocated.
+pub const MAX_VOXELS: usize = 1 << 31;
+
+/// Deflate expands at most ~1032:1, so a gzip stream of `n` bytes never decompresses to more
+/// than this: a header declaring more data than that is refused before allocating.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+
+/// Decompressed bytes read past the voxels of a gzip file to reach its CRC trailer; a longer
+/// tail (trailing data) is left unread and unverified rather than inflated.
+const GZIP_TAIL_CHECK: u64 = 1 << 20;
+
 /// Reads a 3-D NIfTI volume (spec §6.1): see the module documentation for what is accepted.
 /// Everything else is an error naming the file and the fault; a NaN or infinite voxel is an
-/// `Error::Input` naming the first one.
+/// `Error::Input` naming the first one. Only regular files are read (a FIFO, a device such as
+/// `/dev/zero` or a directory is refused), and only the header and the `vox_offset +
+/// voxels x size` bytes it declares: trailing data is never read into memory.
 pub fn read_volume(path: &Path) -> Result<Volume> {
     let t0 = Instant::now();
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse_volume(raw, path, t0)
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a FIFO, socket or device)"
+        };
+        return Err(Error::format(
+            path,
+            format!("is {kind}; give a .nii or .nii.gz file"),
+        ));
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    parse_volume(Source::File(file, meta.len()), path, t0)
 }
 
 /// [`read_volume`] on the bytes of a `.nii` or `.nii.gz` file already in memory (an embedded
 /// example); `name` stands for the file in messages.
 pub fn read_volume_bytes(raw: Vec<u8>, name: &Path) -> Result<Volume> {
-    parse_volume(raw, name, Instant::now())
+    parse_volume(Source::Bytes(raw), name, Instant::now())
 }
 
-fn parse_volume(raw: Vec<u8>, path: &Path, t0: Instant) -> Result<Volume> {
-    let gz = raw.starts_with(&[0x1f, 0x8b]);
-    let bytes = if gz { gunzip(path, &raw)? } else { raw };
-    let header = Header::parse(&bytes, path)?;
+/// Where the (possibly compressed) file content comes from.
+enum Source {
+    /// A regular file and its size.
+    File(std::fs::File, u64),
+    Bytes(Vec<u8>),
+}
+
+impl Source {
+    fn len(&self) -> u64 {
+        match self {
+            Source::File(_, n) => *n,
+            Source::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    /// A reader from the start of the content.
+    fn reader(&mut self, path: &Path) -> Result<Box<dyn std::io::Read + '_>> {
+        use std::io::Seek;
+        match self {
+            Source::File(f, _) => {
+                f.seek(std::io::SeekFrom::Start(0))
+                    .map_err(|e| Error::io(path, e))?;
+                Ok(Box::new(std::io::BufReader::with_capacity(1 << 16, f)))
+            }
+            Source::Bytes(b) => Ok(Box::new(&b[..])),
+        }
+    }
+
+    /// Up to `n` bytes from `at`.
+    fn bytes_at(&mut self, at: u64, n: usize, path: &Path) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        match self {
+            Source::File(f, _) => {
+                f.seek(std::io::SeekFrom::Start(at))
+                    .map_err(|e| Error::io(path, e))?;
+                let mut out = Vec::with_capacity(n);
+                f.take(n as u64)
+                    .read_to_end(&mut out)
+                    .map_err(|e| Error::io(path, e))?;
+                Ok(out)
+            }
+            Source::Bytes(b) => {
+                let s = (at as usize).min(b.len());
+                Ok(b[s..(s + n).min(b.len())].to_vec())
+            }
+        }
+    }
+}
+
+/// Reads up to `n` bytes (fewer only at the end of the stream).
+fn read_up_to(r: impl std::io::Read, n: u64, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Read;
+    r.take(n).read_to_end(out).map(|_| ())
+}
+
+fn gzip_error(path: &Path, e: std::io::Error) -> Error {
+    Error::format(path, format!("corrupt or truncated gzip data: {e}"))
+}
+
+fn parse_volume(mut src: Source, path: &Path, t0: Instant) -> Result<Volume> {
+    let total = src.len();
+    let gz = src.bytes_at(0, 2, path)? == [0x1f, 0x8b];
+    // The header first (the larger NIfTI-2 size is enough for either version).
+    let mut head = Vec::with_capacity(NiftiVersion::Two.header_size());
+    {
+        let mut r = src.reader(path)?;
+        let n = NiftiVersion::Two.header_size() as u64;
+        if gz {
+            read_up_to(&mut flate2::read::MultiGzDecoder::new(r), n, &mut head)
+                .map_err(|e| gzip_error(path, e))?;
+        } else {
+            read_up_to(&mut r, n, &mut head).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    let header = Header::parse(&head, path)?;
     let dims = header.volume_dims(path)?;
     let dtype = NiftiDtype::from_code(header.datatype).ok_or_else(|| {
         Error::format(
@@ -792,32 +889,63 @@ fn parse_volume(raw: Vec<u8>, path: &Path, t0: Instant) -> Result<Volume> {
             ),
         ));
     }
-    let offset = header.vox_offset as usize;
-    let nvox = dims[0]
-        .checked_mul(dims[1])
-        .and_then(|n| n.checked_mul(dims[2]));
-    let end = nvox
-        .and_then(|n| n.checked_mul(dtype.size()))
-        .and_then(|n| n.checked_add(offset))
-        .ok_or_else(|| Error::format(path, format!("image size {dims:?} overflows")))?;
-    if bytes.len() < end {
+    let [x, y, z] = dims;
+    let nvox = x
+        .checked_mul(y)
+        .and_then(|n| n.checked_mul(z))
+        .filter(|&n| n <= MAX_VOXELS)
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                format!("a {x}x{y}x{z} image exceeds the reader's limit of {MAX_VOXELS} voxels"),
+            )
+        })?;
+    let offset = u64::try_from(header.vox_offset).expect("checked non-negative");
+    let need = (nvox * dtype.size()) as u64;
+    let end = offset.checked_add(need).ok_or_else(|| {
+        Error::format(path, format!("vox_offset = {offset} overflows"))
+    })?;
+    let truncated = |have: u64| {
+        Error::format(
+            path,
+            format!(
+                "truncated data: a {x}x{y}x{z} {} image needs {need} bytes from offset {offset}, \
+                 the {} has {have} bytes in all",
+                dtype.name(),
+                if gz { "decompressed file" } else { "file" },
+            ),
+        )
+    };
+    // Bound what the header declares by what the file can hold, before allocating.
+    if !gz && total < end {
+        return Err(truncated(total));
+    }
+    if gz && end > total.saturating_mul(DEFLATE_MAX_RATIO) {
         return Err(Error::format(
             path,
             format!(
-                "truncated data: a {}x{}x{} {} image needs {} bytes from offset {offset}, the \
-                 {} has {} bytes in all",
-                dims[0],
-                dims[1],
-                dims[2],
-                dtype.name(),
-                end - offset,
-                if gz { "decompressed file" } else { "file" },
-                bytes.len()
+                "a {x}x{y}x{z} {} image from offset {offset} needs {end} bytes, more than a \
+                 {total}-byte gzip file can hold",
+                dtype.name()
             ),
         ));
     }
+    let end_us = usize::try_from(end).map_err(|_| truncated(total))?;
+    let bytes = if gz {
+        gunzip(&mut src, path, end_us, &truncated)?
+    } else {
+        let mut out = Vec::with_capacity(end_us);
+        read_up_to(&mut src.reader(path)?, end, &mut out).map_err(|e| Error::io(path, e))?;
+        if out.len() < end_us {
+            // The file shrank while being read.
+            return Err(truncated(out.len() as u64));
+        }
+        out
+    };
+    drop(src);
+    let offset = offset as usize;
     let scaling = header.scaling(path)?;
-    let (data, all_finite) = convert(&bytes[offset..end], dtype, header.big_endian, scaling);
+    let (data, all_finite) = convert(&bytes[offset..end_us], dtype, header.big_endian, scaling);
     drop(bytes);
     let affine = header.affine();
     let spacing = [1, 2, 3].map(|a| header.pixdim[a] as f32);
@@ -838,40 +966,48 @@ fn parse_volume(raw: Vec<u8>, path: &Path, t0: Instant) -> Result<Volume> {
     Ok(vol)
 }
 
-/// Inflates a whole gzip file. Fast path: libdeflate in one call into a buffer of the size the
-/// last ISIZE trailer gives, accepted only when it fills that buffer exactly and the output's
-/// CRC-32 equals the file's last trailer (so a multi-member file never passes as its first
-/// member). Anything else goes through flate2's multi-member streaming decoder, which either
-/// decodes it or says what is wrong; a truncated stream is an error there, never a short result.
-fn gunzip(path: &Path, raw: &[u8]) -> Result<Vec<u8>> {
-    if let Some(out) = gunzip_one_call(raw) {
-        return Ok(out);
+/// The first `end` decompressed bytes of a gzip file. Fast path: when the last ISIZE trailer
+/// says the stream holds exactly `end` bytes, libdeflate inflates the whole file in one call,
+/// accepted only when it fills the buffer exactly and the CRC-32 equals the last trailer (so a
+/// multi-member file never passes as its first member). Anything else streams through flate2's
+/// multi-member decoder, limited to `end` bytes (trailing data is never inflated into memory),
+/// then reads on up to [`GZIP_TAIL_CHECK`] bytes into nothing so that a stream ending there has
+/// its CRC checked; a truncated or corrupt stream is an error, never a short result.
+fn gunzip(
+    src: &mut Source,
+    path: &Path,
+    end: usize,
+    truncated: &dyn Fn(u64) -> Error,
+) -> Result<Vec<u8>> {
+    let total = src.len();
+    if total >= 18 {
+        let trailer = src.bytes_at(total - 8, 8, path)?;
+        let crc = u32::from_le_bytes(trailer[..4].try_into().expect("8 bytes"));
+        let isize = u32::from_le_bytes(trailer[4..].try_into().expect("8 bytes")) as usize;
+        // A compressed stream is never much larger than its content: the bound keeps a file
+        // with a huge compressed tail off this path.
+        if isize == end && total <= end as u64 + end as u64 / 8 + (1 << 20) {
+            let mut out = vec![0u8; end];
+            let raw = match src {
+                Source::Bytes(b) => std::borrow::Cow::Borrowed(&b[..]),
+                Source::File(..) => std::borrow::Cow::Owned(src.bytes_at(0, total as usize, path)?),
+            };
+            let got = libdeflater::Decompressor::new().gzip_decompress(&raw, &mut out);
+            if got.ok() == Some(end) && libdeflater::crc32(&out) == crc {
+                return Ok(out);
+            }
+        }
     }
     use std::io::Read;
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(raw)
-        .read_to_end(&mut out)
-        .map_err(|e| Error::format(path, format!("corrupt or truncated gzip data: {e}")))?;
+    let mut dec = flate2::read::MultiGzDecoder::new(src.reader(path)?);
+    let mut out = Vec::with_capacity(end);
+    read_up_to(&mut dec, end as u64, &mut out).map_err(|e| gzip_error(path, e))?;
+    if out.len() < end {
+        return Err(truncated(out.len() as u64));
+    }
+    std::io::copy(&mut (&mut dec).take(GZIP_TAIL_CHECK), &mut std::io::sink())
+        .map_err(|e| gzip_error(path, e))?;
     Ok(out)
-}
-
-fn gunzip_one_call(raw: &[u8]) -> Option<Vec<u8>> {
-    let n = raw.len();
-    if n < 18 {
-        return None;
-    }
-    let crc = u32::from_le_bytes(raw[n - 8..n - 4].try_into().ok()?);
-    let isize = u32::from_le_bytes(raw[n - 4..].try_into().ok()?) as usize;
-    // Deflate expands at most ~1032:1; a bigger claim is a corrupt trailer (or a member over
-    // 4 GiB, whose ISIZE wrapped): leave it to the streaming decoder.
-    if isize as u64 > n as u64 * 1032 {
-        return None;
-    }
-    let mut out = vec![0u8; isize];
-    let got = libdeflater::Decompressor::new()
-        .gzip_decompress(raw, &mut out)
-        .ok()?;
-    (got == isize && libdeflater::crc32(&out) == crc).then_some(out)
 }
 
 /// One stored voxel type: its size and how to load it.
