@@ -1077,7 +1077,10 @@ fn trailing_data_is_not_read_and_declared_sizes_are_bounded() {
     let pm = dir.path().join("mid.nii.gz");
     std::fs::write(&pm, gzip(&mid)).unwrap();
     let m = format_msg(read_volume(&pm).unwrap_err());
-    assert!(m.contains("mid.nii.gz") && m.contains("gzip file can hold"), "{m}");
+    assert!(
+        m.contains("mid.nii.gz") && m.contains("gzip file can hold"),
+        "{m}"
+    );
     // Uncompressed: checked against the file size first.
     let pu = dir.path().join("mid.nii");
     std::fs::write(&pu, &mid).unwrap();
@@ -1103,6 +1106,9 @@ fn non_regular_files_are_refused() {
     // SAFETY: a valid NUL-terminated path.
     if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } == 0 {
         let m = format_msg(read_volume(&fifo).unwrap_err());
-        assert!(m.contains("pipe.nii") && m.contains("not a regular file"), "{m}");
+        assert!(
+            m.contains("pipe.nii") && m.contains("not a regular file"),
+            "{m}"
+        );
     }
 }

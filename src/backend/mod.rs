@@ -569,45 +569,125 @@ impl Drop for Range<'_> {
     }
 }
 
+/// The highest CUDA ordinal `--device cuda:N` accepts (a typo such as `cuda:100000` is
+/// refused as usage rather than sent to the driver).
+pub const MAX_CUDA_ORDINAL: usize = 63;
+
+/// Which device a command runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The multi-threaded CPU backend (f32 only).
+    Cpu,
+    /// The CUDA kernels on the host emulator.
+    Emu,
+    /// A CUDA GPU by ordinal.
+    Cuda(usize),
+}
+
+/// A device and the storage precision on it, parsed once from `--device` / `--precision`
+/// and used by every command (segment, window, plan, bench): the one place that decides which
+/// combinations exist. The CPU computes in f32 only; `emu` and `cuda` take f32, bf16 or f16
+/// (default bf16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub kind: DeviceKind,
+    pub dtype: DType,
+}
+
+impl DeviceSpec {
+    /// Parses `--device` (`cpu`, `emu`, `cuda`, `cuda:N`) and `--precision` (`f32`, `bf16`,
+    /// `f16`; `None` for the device's default). Unknown names, bad ordinals and unsupported
+    /// combinations are `Error::Usage` naming the flag.
+    pub fn parse(device: &str, precision: Option<&str>) -> Result<Self> {
+        use crate::error::Error;
+        let shown = |s: &str| -> String { s.chars().take(40).collect() };
+        let kind = match device {
+            "cpu" => DeviceKind::Cpu,
+            "emu" => DeviceKind::Emu,
+            "cuda" => DeviceKind::Cuda(0),
+            d => match d.strip_prefix("cuda:") {
+                Some(n) => DeviceKind::Cuda(
+                    n.parse::<usize>()
+                        .ok()
+                        .filter(|&o| o <= MAX_CUDA_ORDINAL && !n.starts_with('+'))
+                        .ok_or_else(|| {
+                            Error::Usage(format!(
+                                "--device {}: expected cuda:N with N a GPU ordinal 0..{MAX_CUDA_ORDINAL}",
+                                shown(d)
+                            ))
+                        })?,
+                ),
+                None => {
+                    return Err(Error::Usage(format!(
+                        "--device {}: expected cpu, emu, cuda or cuda:N",
+                        shown(d)
+                    )))
+                }
+            },
+        };
+        let dtype = match precision {
+            None => None,
+            Some(p) => Some(DType::parse_precision(p).ok_or_else(|| {
+                Error::Usage(format!(
+                    "--precision {}: expected f32, bf16 or f16",
+                    shown(p)
+                ))
+            })?),
+        };
+        let dtype = match (kind, dtype) {
+            (DeviceKind::Cpu, None | Some(DType::F32)) => DType::F32,
+            (DeviceKind::Cpu, Some(p)) => {
+                return Err(Error::Usage(format!(
+                    "--precision {p}: the cpu device computes in f32 only (use --device emu or cuda for {p})"
+                )))
+            }
+            (_, p) => p.unwrap_or(DType::BF16),
+        };
+        Ok(DeviceSpec { kind, dtype })
+    }
+
+    /// Whether the device's memory is the host's (cpu, emu): then the host buffers of a run
+    /// and its device region share one budget.
+    pub fn is_host(&self) -> bool {
+        !matches!(self.kind, DeviceKind::Cuda(_))
+    }
+
+    /// Opens the backend.
+    pub fn open(&self) -> Result<std::sync::Arc<dyn Backend>> {
+        match self.kind {
+            DeviceKind::Cpu => Ok(std::sync::Arc::new(cpu::CpuBackend::new())),
+            DeviceKind::Emu => {
+                let dev = emu::EmuDevice::new()?;
+                Ok(std::sync::Arc::new(kernel::KernelBackend::new(
+                    dev, self.dtype,
+                )?))
+            }
+            DeviceKind::Cuda(ordinal) => {
+                let dev = cuda::CudaDevice::new(ordinal)?;
+                Ok(std::sync::Arc::new(kernel::KernelBackend::new(
+                    dev, self.dtype,
+                )?))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            DeviceKind::Cpu => write!(f, "cpu ({})", self.dtype),
+            DeviceKind::Emu => write!(f, "emu ({})", self.dtype),
+            DeviceKind::Cuda(n) => write!(f, "cuda:{n} ({})", self.dtype),
+        }
+    }
+}
+
 /// Opens a backend by name (`--device`): `cpu`, `emu` or `cuda[:N]`, storing weights and
 /// activations as `precision` (default f32 on the CPU, bf16 elsewhere; the CPU runs f32 only).
+/// Parsed by [`DeviceSpec::parse`].
 pub fn open(device: &str, precision: Option<DType>) -> Result<std::sync::Arc<dyn Backend>> {
-    use crate::error::Error;
-    let unavailable = |msg: String| Error::DeviceUnavailable {
-        device: device.to_string(),
-        msg,
-    };
-    match device {
-        "cpu" => match precision.unwrap_or(DType::F32) {
-            DType::F32 => Ok(std::sync::Arc::new(cpu::CpuBackend::new())),
-            p => Err(unavailable(format!(
-                "the CPU backend computes in f32 only (asked for --precision {p})"
-            ))),
-        },
-        "emu" => {
-            let dev = emu::EmuDevice::new()?;
-            Ok(std::sync::Arc::new(kernel::KernelBackend::new(
-                dev,
-                precision.unwrap_or(DType::BF16),
-            )?))
-        }
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            let ordinal = match d.strip_prefix("cuda:") {
-                None => 0,
-                Some(n) => n
-                    .parse()
-                    .map_err(|_| Error::Usage(format!("--device {d}: expected cuda or cuda:N")))?,
-            };
-            let dev = cuda::CudaDevice::new(ordinal)?;
-            Ok(std::sync::Arc::new(kernel::KernelBackend::new(
-                dev,
-                precision.unwrap_or(DType::BF16),
-            )?))
-        }
-        _ => Err(Error::Usage(format!(
-            "--device {device}: expected cpu, emu, cuda or cuda:N"
-        ))),
-    }
+    let p = precision.map(|p| p.to_string());
+    DeviceSpec::parse(device, p.as_deref())?.open()
 }
 
 #[cfg(test)]
@@ -631,5 +711,31 @@ mod tests {
             );
         }
         assert_eq!(Act::Relu.apply(-2.0), 0.0);
+    }
+
+    /// Issue 9 item 14: one parser refuses unknown devices, bad ordinals and the CPU in
+    /// anything but f32, for every command.
+    #[test]
+    fn device_spec_parses_and_refuses() {
+        let ok = |d: &str, p: Option<&str>| DeviceSpec::parse(d, p).unwrap();
+        assert_eq!(ok("cpu", None).dtype, DType::F32);
+        assert_eq!(ok("cpu", Some("f32")).kind, DeviceKind::Cpu);
+        assert_eq!(ok("emu", None).dtype, DType::BF16);
+        assert_eq!(ok("cuda", Some("f16")).kind, DeviceKind::Cuda(0));
+        assert_eq!(ok("cuda:3", None).kind, DeviceKind::Cuda(3));
+        for (d, p, needle) in [
+            ("tpu", None, "--device tpu"),
+            ("cuda:x", None, "--device cuda:x"),
+            ("cuda:", None, "cuda:N"),
+            ("cuda:-1", None, "cuda:N"),
+            ("cuda:99999999999999999999", None, "cuda:N"),
+            ("cpu", Some("bf16"), "f32 only"),
+            ("cpu", Some("f16"), "f32 only"),
+            ("emu", Some("f8"), "--precision f8"),
+        ] {
+            let e = DeviceSpec::parse(d, p).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{d} {p:?}: {e}");
+            assert!(e.to_string().contains(needle), "{d} {p:?}: {e}");
+        }
     }
 }

@@ -902,9 +902,9 @@ fn parse_volume(mut src: Source, path: &Path, t0: Instant) -> Result<Volume> {
         })?;
     let offset = u64::try_from(header.vox_offset).expect("checked non-negative");
     let need = (nvox * dtype.size()) as u64;
-    let end = offset.checked_add(need).ok_or_else(|| {
-        Error::format(path, format!("vox_offset = {offset} overflows"))
-    })?;
+    let end = offset
+        .checked_add(need)
+        .ok_or_else(|| Error::format(path, format!("vox_offset = {offset} overflows")))?;
     let truncated = |have: u64| {
         Error::format(
             path,
@@ -990,7 +990,9 @@ fn gunzip(
             let mut out = vec![0u8; end];
             let raw = match src {
                 Source::Bytes(b) => std::borrow::Cow::Borrowed(&b[..]),
-                Source::File(..) => std::borrow::Cow::Owned(src.bytes_at(0, total as usize, path)?),
+                Source::File(..) => {
+                    std::borrow::Cow::Owned(src.bytes_at(0, total as usize, path)?)
+                }
             };
             let got = libdeflater::Decompressor::new().gzip_decompress(&raw, &mut out);
             if got.ok() == Some(end) && libdeflater::crc32(&out) == crc {

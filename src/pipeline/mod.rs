@@ -29,10 +29,34 @@ use crate::model::{SegVol, WindowPrompt};
 use geometry::{Roi, SlidingWindows};
 use plan::{Buf, VolumePlan};
 use preprocess::NormStats;
+use std::path::Path;
 use std::time::Instant;
 
 /// Device memory left free by the default budget (CUDA context growth, cuBLASLt, fragmentation).
 pub const MEMORY_MARGIN: usize = 1 << 30;
+
+/// Host memory available to this process now: `MemAvailable` of /proc/meminfo, or the cgroup
+/// v2 limit less its current use when that is lower; `None` where neither can be read.
+pub fn host_available_memory() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let avail = meminfo.as_deref().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    });
+    let read = |f: &str| -> Option<usize> {
+        std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(f))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    };
+    let cgroup =
+        read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
+    match (avail, cgroup) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
 
 /// Overlap of the sliding windows (HF `forward_test` hard-codes 0.5; spec §6.8 step 9).
 pub const OVERLAP: f64 = 0.5;
@@ -72,7 +96,9 @@ pub struct Options {
     pub batch: usize,
     /// Run the zoom-in; `false` stops after the zoom-out (`--no-zoom-in`).
     pub zoom_in: bool,
-    /// Device memory budget for the whole run, in bytes.
+    /// Memory budget for the whole run, in bytes: the device's, and on a host device (cpu,
+    /// emu) also the host buffers'. Default: the device's free memory, or on a host device the
+    /// machine's available memory ([`host_available_memory`]), less [`MEMORY_MARGIN`].
     pub mem_limit: Option<usize>,
 }
 
@@ -213,13 +239,28 @@ pub fn segment(
     // Every buffer of the run, known before the first launch, in one allocation. Without a
     // budget, a device that reports its free memory is held to it (less a margin), counting
     // what the model already holds.
+    // A host backend (no free-memory report: cpu, emu) is held to the machine's available
+    // memory (MemAvailable, or the cgroup's limit if lower), and there the host buffers of the
+    // run count against the same budget.
+    let host_device = b.free_memory().is_none();
+    let held = model.weights().device_bytes + model.arena_bytes();
     let limit = opts.mem_limit.or_else(|| {
-        b.free_memory().map(|free| {
-            (free + model.weights().device_bytes + model.arena_bytes())
-                .saturating_sub(MEMORY_MARGIN)
-        })
+        b.free_memory()
+            .or_else(|| {
+                if host_device {
+                    host_available_memory()
+                } else {
+                    None
+                }
+            })
+            .map(|free| (free + held).saturating_sub(MEMORY_MARGIN))
     });
-    let plan = VolumePlan::fit(cfg, b.dtype(), dims, opts.batch, limit)?;
+    let host = plan::HostBuffers {
+        prompts: prompts.len(),
+        shares_budget: host_device,
+    };
+    let batch = if opts.zoom_in { opts.batch } else { 1 };
+    let plan = VolumePlan::fit(cfg, b.dtype(), dims, batch, limit, host)?;
     model.reserve_arena(plan.call.arena_bytes)?;
     let region = b.alloc(plan.volume_bytes)?;
     let at = |x: Buf| region.at(plan.offset(x));

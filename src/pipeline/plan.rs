@@ -92,6 +92,52 @@ pub struct VolumeBuffer {
     pub offset: usize,
 }
 
+/// The most windows per model call a command accepts (`--batch`): larger values are refused up
+/// front, whatever the budget (a batch is then clamped to the windows a volume has and to what
+/// the budget allows).
+pub const MAX_BATCH: usize = 1024;
+
+/// Checks a `--batch` value: at least 1 and at most [`MAX_BATCH`].
+pub fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::Usage(
+            "--batch 0: the batch must be at least 1".into(),
+        ));
+    }
+    if batch > MAX_BATCH {
+        return Err(Error::Usage(format!(
+            "--batch {batch}: at most {MAX_BATCH} windows per model call"
+        )));
+    }
+    Ok(())
+}
+
+/// The host-side buffers of a run besides the device region (spec §6: what the CLI holds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostBuffers {
+    /// Prompts of the volume: each keeps its logits and mask on the host until the write.
+    pub prompts: usize,
+    /// The device's memory is the host's (cpu, emu): the device region, weights and arena and
+    /// these host buffers share one budget.
+    pub shares_budget: bool,
+}
+
+impl Default for HostBuffers {
+    fn default() -> Self {
+        HostBuffers {
+            prompts: 1,
+            shares_budget: false,
+        }
+    }
+}
+
+/// One host buffer of the plan.
+#[derive(Clone, Debug)]
+pub struct HostBuffer {
+    pub name: &'static str,
+    pub bytes: usize,
+}
+
 /// The memory plan of a whole-volume run.
 pub struct VolumePlan {
     /// Model-frame dims (D, H, W) = file (Z, Y, X).
@@ -103,40 +149,88 @@ pub struct VolumePlan {
     pub buffers: Vec<VolumeBuffer>,
     /// The packed volume region.
     pub volume_bytes: usize,
+    /// The host buffers (the read volume, per-prompt logits and masks, the output).
+    pub host: Vec<HostBuffer>,
+    pub host_bytes: usize,
+    pub host_spec: HostBuffers,
 }
 
 /// Prompt shape assumed for planning: a box and a text of the template's typical length.
 const PLAN_SPARSE: usize = 3;
 const PLAN_TEXT_LEN: usize = 16;
 
+/// Every size of a plan stays below this (2^56 bytes = 64 PiB), so that packing, sums and
+/// alignment can never wrap; a shape that needs more is refused.
+const MAX_PLAN_BYTES: usize = 1 << 56;
+
+/// Checked products and sums for plan sizes: an overflow is a typed error naming the volume.
+struct Sizes([usize; 3]);
+
+impl Sizes {
+    fn err(&self) -> Error {
+        let [d, h, w] = self.0;
+        Error::OutOfMemory(format!(
+            "a {w}x{h}x{d} volume (i,j,k) is too large to plan: its buffers exceed {}",
+            human(MAX_PLAN_BYTES)
+        ))
+    }
+    fn mul(&self, v: &[usize]) -> Result<usize> {
+        v.iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .filter(|&n| n <= MAX_PLAN_BYTES)
+            .ok_or_else(|| self.err())
+    }
+    fn sum(&self, v: &[usize]) -> Result<usize> {
+        v.iter()
+            .try_fold(0usize, |a, &b| a.checked_add(b))
+            .filter(|&n| n <= MAX_PLAN_BYTES)
+            .ok_or_else(|| self.err())
+    }
+}
+
 impl VolumePlan {
-    /// Plans a volume of model-frame dims (D, H, W) with windows in batches of `batch`.
+    /// Plans a volume of model-frame dims (D, H, W) with windows in batches of `batch`, one
+    /// prompt, the device apart from the host.
     pub fn new(cfg: &ModelConfig, dtype: DType, dims: [usize; 3], batch: usize) -> Result<Self> {
-        if batch == 0 {
-            return Err(Error::Usage("--batch must be at least 1".into()));
-        }
-        let n: usize = dims.iter().product();
+        Self::with_host(cfg, dtype, dims, batch, HostBuffers::default())
+    }
+
+    /// [`VolumePlan::new`] with `host` prompts and budget sharing.
+    pub fn with_host(
+        cfg: &ModelConfig,
+        dtype: DType,
+        dims: [usize; 3],
+        batch: usize,
+        host: HostBuffers,
+    ) -> Result<Self> {
+        check_batch(batch)?;
+        let sz = Sizes(dims);
+        let n = sz.mul(&dims)?;
         let win = cfg.window_voxels();
-        let padded: usize = (0..3).map(|a| dims[a].max(cfg.spatial_size[a])).product();
-        let emb = cfg.num_tokens() * cfg.decoder.dim * dtype.size();
+        let padded = sz.mul(&[0, 1, 2].map(|a| dims[a].max(cfg.spatial_size[a])))?;
+        let emb = sz.mul(&[cfg.num_tokens(), cfg.decoder.dim, dtype.size()])?;
         let f = 4;
-        let specs = Buf::ALL.map(|b| {
+        let n4 = sz.mul(&[n, f])?;
+        let mut specs = Vec::with_capacity(Buf::ALL.len());
+        for b in Buf::ALL {
             let (bytes, first, last) = match b {
-                Buf::Volume => (n * f, 0, 1),
+                Buf::Volume => (n4, 0, 1),
                 // Every prompt's zoom-in reads it (stages 2..5 repeat per prompt).
-                Buf::Cropped => (n * f, 1, 5),
-                Buf::Global => (n * f, 2, 5),
+                Buf::Cropped => (n4, 1, 5),
+                Buf::Global => (n4, 2, 5),
                 Buf::ZoomOutEmbedding => (emb, 2, 5),
-                Buf::Roi => (n * f, 3, 4),
-                Buf::WindowBatch => (batch * win * f, 2, 4),
-                Buf::WindowLogits => (batch * win * f, 2, 4),
-                Buf::WindowEmbeddings => (batch * emb, 3, 4),
-                Buf::Accumulator => (padded * f, 4, 5),
-                Buf::Counts => (padded * f, 4, 5),
+                Buf::Roi => (n4, 3, 4),
+                Buf::WindowBatch => (sz.mul(&[batch, win, f])?, 2, 4),
+                Buf::WindowLogits => (sz.mul(&[batch, win, f])?, 2, 4),
+                Buf::WindowEmbeddings => (sz.mul(&[batch, emb])?, 3, 4),
+                Buf::Accumulator => (sz.mul(&[padded, f])?, 4, 5),
+                Buf::Counts => (sz.mul(&[padded, f])?, 4, 5),
                 Buf::Mask => (n, 5, 5),
             };
-            (b.name(), bytes, first, last)
-        });
+            specs.push((b.name(), bytes, first, last));
+        }
+        // Bounds the packed region (at most the sum plus alignment) before packing.
+        sz.sum(&specs.iter().map(|s| s.1).collect::<Vec<_>>())?;
         let (offsets, volume_bytes) =
             pack(&specs.iter().map(|s| (s.1, s.2, s.3)).collect::<Vec<_>>());
         let buffers = specs
@@ -150,18 +244,68 @@ impl VolumePlan {
                 offset,
             })
             .collect();
+        // Host side (worst case: the crop is the whole volume): the f32 volume as read; per
+        // prompt the final logits (f32) and mask (u8) on the cropped grid and the zoom-out
+        // logits (one window), kept until the write; the output mask or label map on the
+        // original grid (u8) and its encoded file (header + voxels, and the gzip buffer).
+        let p = host.prompts.max(1);
+        let per_prompt = sz.sum(&[n4, n, sz.mul(&[win, f])?])?;
+        let host_bufs = vec![
+            HostBuffer {
+                name: "volume as read (f32)",
+                bytes: n4,
+            },
+            HostBuffer {
+                name: "per-prompt logits, masks, zoom-out logits",
+                bytes: sz.mul(&[p, per_prompt])?,
+            },
+            HostBuffer {
+                name: "output mask or label map (u8)",
+                bytes: n,
+            },
+            HostBuffer {
+                name: "output file (header + voxels, gzip)",
+                bytes: sz.sum(&[n, n, 1 << 20])?,
+            },
+        ];
+        let host_bytes = sz.sum(&host_bufs.iter().map(|h| h.bytes).collect::<Vec<_>>())?;
         let call = CallPlan::new(cfg, dtype, batch, PLAN_SPARSE, PLAN_TEXT_LEN)?;
-        Ok(VolumePlan {
+        let plan = VolumePlan {
             dims,
             batch,
             dtype,
             call,
             buffers,
             volume_bytes,
-        })
+            host: host_bufs,
+            host_bytes,
+            host_spec: host,
+        };
+        sz.sum(&[plan.total_bytes(), plan.host_bytes])?;
+        Ok(plan)
     }
 
-    /// The largest batch in `1..=max_batch` whose plan fits `limit` bytes (no limit: `max_batch`).
+    /// The zoom-in windows of a volume of these dims in the worst case (ROI = whole volume):
+    /// no batch needs to be larger.
+    /// Counted per axis as `SlidingWindows` lays them out (MONAI's dense patch slices), without
+    /// listing them; saturating.
+    pub fn max_windows(cfg: &ModelConfig, dims: [usize; 3]) -> usize {
+        (0..3)
+            .map(|a| {
+                let w = cfg.spatial_size[a].max(1);
+                let padded = dims[a].max(w);
+                let interval = if padded == w {
+                    w
+                } else {
+                    ((w as f64 * (1.0 - super::OVERLAP)) as usize).max(1)
+                };
+                (padded - w).div_ceil(interval) + 1
+            })
+            .fold(1usize, |a, c| a.saturating_mul(c))
+    }
+
+    /// The largest batch in `1..=max_batch`, and no more than the volume's windows, whose plan
+    /// fits `limit` bytes (no limit: that batch). `max_batch` must pass [`check_batch`].
     /// Refuses up front when even batch 1 does not fit.
     pub fn fit(
         cfg: &ModelConfig,
@@ -169,29 +313,50 @@ impl VolumePlan {
         dims: [usize; 3],
         max_batch: usize,
         limit: Option<usize>,
+        host: HostBuffers,
     ) -> Result<Self> {
-        let max_batch = max_batch.max(1);
+        check_batch(max_batch)?;
+        Sizes(dims).mul(&dims)?;
+        let max_batch = max_batch.min(Self::max_windows(cfg, dims)).max(1);
+        let plan = |b| Self::with_host(cfg, dtype, dims, b, host);
         let Some(limit) = limit else {
-            return Self::new(cfg, dtype, dims, max_batch);
+            return plan(max_batch);
         };
-        let one = Self::new(cfg, dtype, dims, 1)?;
-        if one.total_bytes() > limit {
+        let one = plan(1)?;
+        if one.budget_bytes() > limit {
+            let host_part = if host.shares_budget {
+                format!(", {} host buffers", human(one.host_bytes))
+            } else {
+                String::new()
+            };
             return Err(Error::OutOfMemory(format!(
-                "a {}x{}x{} volume needs {} even with one window per batch ({} weights, {} arena, {} volume buffers); the limit is {}",
+                "a {}x{}x{} volume needs {} even with one window per batch ({} weights, {} arena, {} volume buffers{host_part}); the limit is {}",
                 dims[2], dims[1], dims[0],
-                human(one.total_bytes()), human(one.call.weight_bytes), human(one.call.arena_bytes),
+                human(one.budget_bytes()), human(one.call.weight_bytes), human(one.call.arena_bytes),
                 human(one.volume_bytes), human(limit)
             )));
         }
-        let mut best = one;
-        for b in 2..=max_batch {
-            let p = Self::new(cfg, dtype, dims, b)?;
-            if p.total_bytes() > limit {
-                break;
+        // Memory grows with the batch: bisect for the largest that fits.
+        let (mut lo, mut hi) = (one, max_batch + 1);
+        while hi - lo.batch > 1 {
+            let mid = lo.batch + (hi - lo.batch) / 2;
+            let p = plan(mid)?;
+            if p.budget_bytes() <= limit {
+                lo = p;
+            } else {
+                hi = mid;
             }
-            best = p;
         }
-        Ok(best)
+        Ok(lo)
+    }
+
+    /// What the budget is held to: the device total, plus the host buffers when they share it.
+    pub fn budget_bytes(&self) -> usize {
+        if self.host_spec.shares_budget {
+            self.total_bytes() + self.host_bytes
+        } else {
+            self.total_bytes()
+        }
     }
 
     /// Offset of a buffer in the volume region.
@@ -282,20 +447,94 @@ mod tests {
         let dims = [300, 512, 512];
         let p8 = VolumePlan::new(&cfg, DType::BF16, dims, 8).unwrap();
         let p4 = VolumePlan::new(&cfg, DType::BF16, dims, 4).unwrap();
+        let h = HostBuffers::default();
         let fitted =
-            VolumePlan::fit(&cfg, DType::BF16, dims, 8, Some(p4.total_bytes() + 1)).unwrap();
+            VolumePlan::fit(&cfg, DType::BF16, dims, 8, Some(p4.total_bytes() + 1), h).unwrap();
         assert_eq!(fitted.batch, 4);
         assert_eq!(
-            VolumePlan::fit(&cfg, DType::BF16, dims, 8, Some(p8.total_bytes()))
+            VolumePlan::fit(&cfg, DType::BF16, dims, 8, Some(p8.total_bytes()), h)
                 .unwrap()
                 .batch,
             8
         );
-        let err = VolumePlan::fit(&cfg, DType::BF16, dims, 8, Some(1 << 30))
+        let err = VolumePlan::fit(&cfg, DType::BF16, dims, 8, Some(1 << 30), h)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("even with one window"), "{err}");
+    }
+
+    /// Issue 9 items 5 and 14: sizes never wrap, absurd batches are refused, and a batch is
+    /// clamped to the windows the volume has.
+    #[test]
+    fn plan_arithmetic_is_checked_and_batches_bounded() {
+        let cfg = ModelConfig::full();
+        let h = HostBuffers::default();
+        // 2^32 voxels along one axis plans (not wrapped to 0 bytes).
+        let p = VolumePlan::fit(&cfg, DType::BF16, [1, 1, 1 << 32], 1, None, h).unwrap();
+        assert!(p.volume_bytes >= 5 << 34 && p.host_bytes >= 6 << 32);
+        for dims in [
+            [1, 1 << 32, 1 << 32],
+            [1 << 32, 1 << 32, 1],
+            [1 << 21, 1 << 21, 1 << 21],
+        ] {
+            let e = VolumePlan::fit(&cfg, DType::BF16, dims, 1, None, h)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("too large to plan"), "{e}");
+            assert_eq!(e.exit_code(), 2);
+        }
+        for b in [0, MAX_BATCH + 1, 1 << 40] {
+            let e = VolumePlan::fit(&cfg, DType::BF16, [32, 256, 256], b, None, h)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("--batch"), "{e}");
+        }
+        // One window: a batch of 1000 plans batch 1.
+        let p = VolumePlan::fit(&cfg, DType::BF16, [32, 256, 256], 1000, None, h).unwrap();
+        assert_eq!(p.batch, 1);
+        let p = VolumePlan::fit(&cfg, DType::BF16, [32, 512, 512], 1000, None, h).unwrap();
+        assert_eq!(p.batch, VolumePlan::max_windows(&cfg, [32, 512, 512]));
+        for dims in [
+            [32, 256, 256],
+            [1, 1, 1],
+            [33, 300, 512],
+            [1000, 512, 512],
+            [47, 129, 700],
+        ] {
+            let sw = super::super::geometry::SlidingWindows::new(dims, cfg.spatial_size, 0.5);
+            assert_eq!(
+                VolumePlan::max_windows(&cfg, dims),
+                sw.unwrap().len(),
+                "{dims:?}"
+            );
+        }
+    }
+
+    /// Issue 9 item 9: on a host device the host buffers count against the budget.
+    #[test]
+    fn host_buffers_share_a_host_budget() {
+        let cfg = ModelConfig::full();
+        let dims = [400, 512, 512];
+        let apart = HostBuffers {
+            prompts: 8,
+            shares_budget: false,
+        };
+        let shared = HostBuffers {
+            prompts: 8,
+            shares_budget: true,
+        };
+        let p = VolumePlan::with_host(&cfg, DType::F32, dims, 1, shared).unwrap();
+        // 8 prompts: at least the volume, 8 x (logits + mask) and the output on the host.
+        let n = 400 * 512 * 512;
+        assert!(p.host_bytes >= 4 * n + 8 * 5 * n + n, "{}", p.host_bytes);
+        let between = p.total_bytes() + p.host_bytes / 2;
+        assert!(VolumePlan::fit(&cfg, DType::F32, dims, 1, Some(between), apart).is_ok());
+        let e = VolumePlan::fit(&cfg, DType::F32, dims, 1, Some(between), shared)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("host buffers"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use crate::DeviceArgs;
 use clap::Args;
-use segvol::error::Result;
+use segvol::error::{Error, Result};
 use segvol::model::{SegVol, WindowPrompt};
 use segvol::{DType, ModelConfig};
 use std::collections::BTreeMap;
@@ -50,6 +50,12 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    segvol::pipeline::plan::check_batch(a.batch)?;
+    if a.iters == 0 {
+        return Err(Error::Usage(
+            "--iters 0: at least one timed iteration is needed for a median".into(),
+        ));
+    }
     let backend = a.device.open()?;
     let model = match &a.model {
         Some(dir) => SegVol::load(dir, backend)?,
@@ -66,7 +72,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let b = model.backend().clone();
     let cfg = model.config().clone();
-    let batch = a.batch.max(1);
+    let batch = a.batch;
     let win = cfg.window_voxels();
     // Pseudo-random windows in [0, 1].
     let images = segvol::rng::SplitMix64(0x2545_F491_4F6C_DD1D).values(batch * win, 0.0, 1.0);

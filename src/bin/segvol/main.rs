@@ -6,10 +6,10 @@ mod plan;
 mod segment;
 
 use clap::{Args, Parser, Subcommand};
-use segvol::backend::Backend;
+use segvol::backend::{Backend, DeviceSpec};
 use segvol::error::{Error, Result};
 use segvol::model::SegVol;
-use segvol::{DType, ModelConfig};
+use segvol::ModelConfig;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -53,21 +53,14 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    /// The requested precision, validated.
-    pub fn precision(&self) -> Result<Option<DType>> {
-        self.precision
-            .as_deref()
-            .map(|p| {
-                DType::parse_precision(p).ok_or_else(|| {
-                    Error::Usage(format!("--precision {p}: expected f32, bf16 or f16"))
-                })
-            })
-            .transpose()
+    /// The device and precision, parsed and checked once ([`DeviceSpec::parse`]).
+    pub fn spec(&self) -> Result<DeviceSpec> {
+        DeviceSpec::parse(&self.device, self.precision.as_deref())
     }
 
     /// Opens the backend.
     pub fn open(&self) -> Result<Arc<dyn Backend>> {
-        segvol::backend::open(&self.device, self.precision()?)
+        self.spec()?.open()
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::{config_by_name, DeviceArgs};
 use clap::Args;
 use segvol::error::{Error, Result};
-use segvol::pipeline::plan::{human, parse_size, VolumePlan, STAGES};
+use segvol::pipeline::plan::{check_batch, human, parse_size, HostBuffers, VolumePlan, STAGES};
 use segvol::program::TensorKind;
 use segvol::DType;
 use std::path::PathBuf;
@@ -27,6 +27,9 @@ pub struct PlanArgs {
     /// Memory budget (e.g. 40G); with --shape, the batch is the largest up to --batch that fits.
     #[arg(long)]
     mem_limit: Option<String>,
+    /// With --shape: prompts per volume (each keeps its logits and mask on the host).
+    #[arg(long, default_value_t = 1)]
+    prompts: usize,
     #[command(flatten)]
     device: DeviceArgs,
     /// Only the per-program summary, not every activation.
@@ -50,19 +53,16 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
         None => config_by_name(&a.config)?,
     };
-    let dtype = a
-        .device
-        .precision()?
-        .unwrap_or(if a.device.device == "cpu" {
-            DType::F32
-        } else {
-            DType::BF16
-        });
+    let spec = a.device.spec()?;
+    let dtype = spec.dtype;
+    check_batch(a.batch)?;
     let limit = match &a.mem_limit {
         Some(s) => Some(parse_size(s)?),
-        // The device's free memory, when one is at hand (planning itself needs none).
-        None => a
-            .device
+        // The host's available memory on a host device; a GPU's free memory when one is at
+        // hand (planning itself needs no device).
+        None if spec.is_host() => segvol::pipeline::host_available_memory()
+            .map(|f| f.saturating_sub(segvol::pipeline::MEMORY_MARGIN)),
+        None => spec
             .open()
             .ok()
             .and_then(|b| b.free_memory())
@@ -72,8 +72,14 @@ pub fn run(a: PlanArgs) -> Result<()> {
         Some(shape) => {
             let xyz = parse_shape(shape)?;
             // Model frame (D, H, W) = file (Z, Y, X), spec §6.1.
-            let plan = VolumePlan::fit(&cfg, dtype, [xyz[2], xyz[1], xyz[0]], a.batch, limit)?;
-            print_volume(&plan, xyz, limit);
+            let host = HostBuffers {
+                prompts: a.prompts,
+                shares_budget: spec.is_host(),
+            };
+            let plan =
+                VolumePlan::fit(&cfg, dtype, [xyz[2], xyz[1], xyz[0]], a.batch, limit, host)?;
+            let windows = VolumePlan::max_windows(&cfg, plan.dims);
+            print_volume(&plan, xyz, limit, windows);
         }
         None => {
             let plan = segvol::model::CallPlan::new(&cfg, dtype, a.batch, 3, 16)?;
@@ -160,7 +166,7 @@ fn print_call(plan: &segvol::model::CallPlan, batch: usize, dtype: DType, verbos
     println!("  counted work        {:>9.1} GFLOP", plan.flops() / 1e9);
 }
 
-fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>) {
+fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>, windows: usize) {
     println!(
         "volume {}x{}x{} (model frame {}x{}x{}), {} storage, worst case: crop and ROI = whole volume",
         xyz[0], xyz[1], xyz[2], plan.dims[0], plan.dims[1], plan.dims[2], plan.dtype
@@ -197,11 +203,41 @@ fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>) {
         human(plan.call.io_bytes)
     );
     println!(
-        "  total                                {:>12}",
+        "  device total                         {:>12}",
         human(plan.total_bytes())
     );
+    let p = plan.host_spec.prompts;
+    println!(
+        "  host buffer ({p} prompt{})",
+        if p == 1 { "" } else { "s" }
+    );
+    for h in &plan.host {
+        println!("    {:<34} {:>12}", h.name, human(h.bytes));
+    }
+    println!(
+        "  host buffers                         {:>12}",
+        human(plan.host_bytes)
+    );
+    println!(
+        "  total (device + host)                {:>12}",
+        human(plan.total_bytes() + plan.host_bytes)
+    );
+    println!(
+        "  held to the budget                   {:>12}  ({})",
+        human(plan.budget_bytes()),
+        if plan.host_spec.shares_budget {
+            "host device: device and host buffers share it"
+        } else {
+            "the device's; host buffers apart"
+        }
+    );
     match limit {
-        Some(l) => println!("  budget {} -> window batch {}", human(l), plan.batch),
+        Some(l) => println!(
+            "  budget {} -> window batch {} (at most the volume's {} windows)",
+            human(l),
+            plan.batch,
+            windows
+        ),
         None => println!(
             "  no budget given (--mem-limit): window batch {}",
             plan.batch

@@ -126,8 +126,9 @@ pub fn run(a: SegmentArgs) -> Result<()> {
 }
 
 fn options(a: &SegmentArgs) -> Result<Options> {
+    pipeline::plan::check_batch(a.batch)?;
     Ok(Options {
-        batch: a.batch.max(1),
+        batch: a.batch,
         zoom_in: !a.no_zoom_in,
         mem_limit: a.mem_limit.as_deref().map(parse_size).transpose()?,
     })
