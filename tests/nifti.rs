@@ -1112,3 +1112,40 @@ fn non_regular_files_are_refused() {
         );
     }
 }
+
+/// Issue 9 (minor): a huge `scl_inter` that makes every voxel equal in f32 is reported as
+/// such, not as a constant volume passed on to the pipeline.
+#[test]
+fn scl_inter_swamping_the_range_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut full = gunzip_ref(Path::new(TINY_CT));
+    // scl_slope 1, scl_inter 1e12 (NIfTI-1 float32 fields at 112 and 116).
+    full[112..116].copy_from_slice(&1.0f32.to_le_bytes());
+    full[116..120].copy_from_slice(&1e12f32.to_le_bytes());
+    let p = dir.path().join("swamped.nii");
+    std::fs::write(&p, &full).unwrap();
+    let m = format_msg(read_volume(&p).unwrap_err());
+    assert!(
+        m.contains("swamped.nii") && m.contains("swamps the data range"),
+        "{m}"
+    );
+    // A moderate intercept still reads.
+    full[116..120].copy_from_slice(&(-1024f32).to_le_bytes());
+    std::fs::write(&p, &full).unwrap();
+    read_volume(&p).unwrap();
+}
+
+/// Issue 9 (minor): a singular affine is an error naming the file.
+#[test]
+fn singular_affine_error_names_the_file() {
+    let mut v = read_volume(Path::new(TINY_CT)).unwrap();
+    v.affine = Some([[0.0; 4], [0.0; 4], [0.0; 4], [0.0, 0.0, 0.0, 1.0]]);
+    let e = v
+        .nearest_voxel_from_world([1.0, 2.0, 3.0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("example_ct_sm.nii.gz") && e.contains("singular"),
+        "{e}"
+    );
+}

@@ -736,8 +736,12 @@ impl Volume {
     }
 
     /// Fractional voxel coordinates (i,j,k) of a world position in millimetres.
+    /// A singular affine is an error naming the file.
     pub fn voxel_from_world(&self, mm: [f64; 3]) -> Result<[f64; 3]> {
-        coords::voxel_from_world(self.require_affine()?, mm)
+        coords::voxel_from_world(self.require_affine()?, mm).map_err(|e| match e {
+            Error::Input(m) => Error::Input(format!("{}: {m}", self.path.display())),
+            e => e,
+        })
     }
 
     /// The voxel (i,j,k) nearest to a world position in millimetres ([`coords::nearest_voxel`]).
@@ -946,6 +950,16 @@ fn parse_volume(mut src: Source, path: &Path, t0: Instant) -> Result<Volume> {
     let offset = offset as usize;
     let scaling = header.scaling(path)?;
     let (data, all_finite) = convert(&bytes[offset..end_us], dtype, header.big_endian, scaling);
+    if let Some((m, b)) = scaling {
+        check_scaling_precision(
+            &data,
+            &bytes[offset..end_us],
+            dtype,
+            header.big_endian,
+            (m, b),
+            path,
+        )?;
+    }
     drop(bytes);
     let affine = header.affine();
     let spacing = [1, 2, 3].map(|a| header.pixdim[a] as f32);
@@ -964,6 +978,47 @@ fn parse_volume(mut src: Source, path: &Path, t0: Instant) -> Result<Volume> {
     }
     vol.read_seconds = t0.elapsed().as_secs_f64();
     Ok(vol)
+}
+
+/// A scaled volume that came out constant in f32 although its stored values differ: the
+/// intercept (or slope) swamped the data range at f32's 24-bit precision. Reported as what it
+/// is instead of passing on a volume that the pipeline would call constant.
+fn check_scaling_precision(
+    data: &[f32],
+    stored: &[u8],
+    dtype: NiftiDtype,
+    be: bool,
+    (m, b): (f64, f64),
+    path: &Path,
+) -> Result<()> {
+    let first = match data.first() {
+        Some(v) => *v,
+        None => return Ok(()),
+    };
+    if data.par_iter().any(|v| *v != first) {
+        return Ok(());
+    }
+    let (raw, _) = convert(stored, dtype, be, None);
+    let (lo, hi) = raw
+        .par_iter()
+        .fold(
+            || (f32::INFINITY, f32::NEG_INFINITY),
+            |(l, h), &v| (l.min(v), h.max(v)),
+        )
+        .reduce(
+            || (f32::INFINITY, f32::NEG_INFINITY),
+            |a, c| (a.0.min(c.0), a.1.max(c.1)),
+        );
+    if lo == hi {
+        return Ok(());
+    }
+    Err(Error::format(
+        path,
+        format!(
+            "scl_inter = {b} (scl_slope = {m}) swamps the data range in f32: stored values \
+             {lo}..{hi} all become {first}"
+        ),
+    ))
 }
 
 /// The first `end` decompressed bytes of a gzip file. Fast path: when the last ISIZE trailer
