@@ -148,6 +148,11 @@ fn overflowing_shapes_and_absurd_batches_are_refused_up_front() {
     }
     assert_fails(&segvol(&["plan", "--batch", "2000"]), &["at most 1024"]);
     assert_fails(&segvol(&["bench", "--iters", "0"]), &["--iters 0"]);
+    // A batch within the limit but beyond the host's memory: refused before allocating.
+    assert_fails(
+        &segvol(&["bench", "--batch", "1024", "--iters", "1"]),
+        &["bench --batch 1024 needs", "available"],
+    );
     let model = tiny_model();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.nii.gz");

@@ -56,7 +56,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "--iters 0: at least one timed iteration is needed for a median".into(),
         ));
     }
-    let backend = a.device.open()?;
+    let spec = a.device.spec()?;
+    // The full-size call's plan and its window inputs/outputs, checked against the host's
+    // available memory before anything is allocated on a host device (with --model the
+    // checkpoint's own architecture is only known once loaded).
+    if spec.is_host() && a.model.is_none() {
+        let cfg = ModelConfig::full();
+        let plan = segvol::model::CallPlan::new(&cfg, spec.dtype, a.batch, 1, 0)?;
+        let windows = 3 * a.batch * cfg.window_voxels() * 4;
+        let need = plan.total_bytes() + windows;
+        if let Some(avail) = segvol::pipeline::host_available_memory() {
+            if need > avail {
+                return Err(Error::OutOfMemory(format!(
+                    "bench --batch {} needs {} of host memory; {} is available",
+                    a.batch,
+                    segvol::pipeline::plan::human(need),
+                    segvol::pipeline::plan::human(avail)
+                )));
+            }
+        }
+    }
+    let backend = spec.open()?;
     let model = match &a.model {
         Some(dir) => SegVol::load(dir, backend)?,
         None => {
