@@ -55,6 +55,9 @@ fn check_open(r: segvol::Result<CudaDevice>) {
 
 #[test]
 fn opening_without_a_driver_is_a_typed_error_not_a_panic() {
+    // Every test that opens a device holds the lock: a context created here must not
+    // interleave with another test's capture or timing.
+    let _g = GPU.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..2 {
         let r = std::panic::catch_unwind(|| CudaDevice::new(0)).expect("CudaDevice::new panicked");
         check_open(r);
@@ -69,6 +72,7 @@ fn opening_without_a_driver_is_a_typed_error_not_a_panic() {
 
 #[test]
 fn an_ordinal_out_of_range_is_unavailable() {
+    let _g = GPU.lock().unwrap_or_else(|e| e.into_inner());
     match CudaDevice::new(999) {
         Err(Error::DeviceUnavailable { device, msg }) => {
             assert_eq!(device, "cuda:999");
