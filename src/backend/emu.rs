@@ -178,6 +178,7 @@ struct GraphState {
     mode: EmuGraphs,
     recording: parking_lot::Mutex<Option<Vec<Recorded>>>,
     captures: AtomicU32,
+    replays: AtomicU32,
 }
 
 /// The host emulator as a [`KernelDevice`].
@@ -258,6 +259,7 @@ impl EmuDevice {
                 mode: EmuGraphs::Off,
                 recording: parking_lot::Mutex::new(None),
                 captures: AtomicU32::new(0),
+                replays: AtomicU32::new(0),
             }),
         }
     }
@@ -269,6 +271,7 @@ impl EmuDevice {
                 mode,
                 recording: parking_lot::Mutex::new(None),
                 captures: AtomicU32::new(0),
+                replays: AtomicU32::new(0),
             }),
             ..self
         }
@@ -283,6 +286,11 @@ impl EmuDevice {
     /// How many captures have begun on this device (and its clones).
     pub fn captures_begun(&self) -> u32 {
         self.graphs.captures.load(Ordering::Relaxed)
+    }
+
+    /// How many graph replays have begun on this device (and its clones).
+    pub fn replays_begun(&self) -> u32 {
+        self.graphs.replays.load(Ordering::Relaxed)
     }
 
     fn capturing(&self) -> bool {
@@ -536,6 +544,7 @@ impl DeviceGraph for EmuGraph {
                 "launching a graph while another is being captured is not supported",
             ));
         }
+        self.dev.graphs.replays.fetch_add(1, Ordering::Relaxed);
         for op in &self.ops {
             match op {
                 Recorded::Launch {
