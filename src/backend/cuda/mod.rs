@@ -181,6 +181,8 @@ struct Inner {
     multiprocessors: i32,
     driver_version: i32,
     kernel_image: &'static str,
+    /// `CU_FUNC_ATTRIBUTE_BINARY_VERSION` of the first kernel (`90` for sm_90 SASS).
+    binary_version: i32,
     copy_stream: Arc<CudaStream>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
@@ -423,6 +425,19 @@ impl CudaDevice {
             modules.push(module);
         }
 
+        let mut binary_version = 0;
+        if let Some(f) = functions.values().next() {
+            // SAFETY: writes one int for a loaded function.
+            unsafe {
+                sys::cuFuncGetAttribute(
+                    &mut binary_version,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_BINARY_VERSION,
+                    f.f,
+                )
+            }
+            .result()
+            .map_err(|e| failed("kernel binary version", e))?;
+        }
         let workspace = raw_alloc(&ctx, gemm::WORKSPACE_BYTES)
             .map_err(|e| failed("cuBLASLt workspace allocation", e))?;
         let lt = gemm::Lt::new(workspace).map_err(|e| Error::device(&label, e))?;
@@ -452,6 +467,7 @@ impl CudaDevice {
                 multiprocessors,
                 driver_version,
                 kernel_image,
+                binary_version,
                 copy_stream,
                 stream,
                 ctx,
@@ -805,6 +821,24 @@ fn nvtx_present() -> bool {
 impl KernelDevice for CudaDevice {
     fn name(&self) -> String {
         self.inner.label.clone()
+    }
+
+    /// `cuda:0 (NVIDIA H200, sm_90, kernels: cubin sm_90a, binary sm_90, cuBLASLt 130000,
+    /// driver 13000)`: the image is what the driver loaded (the load path), and the binary
+    /// version is `CU_FUNC_ATTRIBUTE_BINARY_VERSION` of a loaded kernel (the SASS it runs).
+    fn description(&self) -> String {
+        let i = &self.inner;
+        format!(
+            "{} ({}, sm_{}{}, kernels: {}, binary sm_{}, cuBLASLt {}, driver {})",
+            i.label,
+            i.name,
+            i.cc.0,
+            i.cc.1,
+            i.kernel_image,
+            i.binary_version,
+            gemm::Lt::version(),
+            i.driver_version
+        )
     }
 
     fn alloc(&self, bytes: usize) -> Result<Buffer> {

@@ -98,6 +98,10 @@ impl KernelArgs {
 pub trait KernelDevice: Send + Sync {
     /// `emu`, `cuda:0`.
     fn name(&self) -> String;
+    /// One line for reports ([`super::Backend::description`]).
+    fn description(&self) -> String {
+        self.name()
+    }
     /// Allocates `bytes`, 256-byte aligned.
     fn alloc(&self, bytes: usize) -> Result<Buffer>;
     /// # Safety
@@ -250,6 +254,9 @@ impl<D: KernelDevice> KernelBackend<D> {
 impl<D: KernelDevice + Clone + 'static> Backend for KernelBackend<D> {
     fn name(&self) -> String {
         self.dev.name()
+    }
+    fn description(&self) -> String {
+        self.dev.description()
     }
     fn dtype(&self) -> DType {
         self.dtype
