@@ -741,6 +741,13 @@ fn device_info_is_sane() {
     if !embedded::MODULES.is_empty() {
         assert_ne!(info.kernel_image, "none");
     }
+    // The preflight reads the loaded image from this line (the `segvol bench` header).
+    let desc = KernelDevice::description(&dev);
+    println!("{desc}");
+    assert!(
+        desc.contains(info.kernel_image) && desc.contains("binary sm_"),
+        "{desc}"
+    );
     // Allocation: empty is fine, absurd is a typed out-of-memory error.
     assert_eq!(dev.alloc(0).unwrap().len(), 0);
     match dev.alloc(1 << 52) {
@@ -749,7 +756,10 @@ fn device_info_is_sane() {
     }
     let b = dev.alloc(1000).unwrap();
     assert_eq!(b.addr() % 256, 0);
-    // NVTX ranges never fail.
+    // NVTX ranges never fail, nested or with a NUL in the name.
     dev.range_push("segvol test range");
+    dev.range_push("inner\0range");
     dev.range_pop();
+    dev.range_pop();
+    dev.range_pop(); // one too many: a no-op
 }
