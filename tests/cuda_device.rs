@@ -55,6 +55,9 @@ fn check_open(r: segvol::Result<CudaDevice>) {
 
 #[test]
 fn opening_without_a_driver_is_a_typed_error_not_a_panic() {
+    // Every test that opens a device holds the lock: a context created here must not
+    // interleave with another test's capture or timing.
+    let _g = GPU.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..2 {
         let r = std::panic::catch_unwind(|| CudaDevice::new(0)).expect("CudaDevice::new panicked");
         check_open(r);
@@ -69,6 +72,7 @@ fn opening_without_a_driver_is_a_typed_error_not_a_panic() {
 
 #[test]
 fn an_ordinal_out_of_range_is_unavailable() {
+    let _g = GPU.lock().unwrap_or_else(|e| e.into_inner());
     match CudaDevice::new(999) {
         Err(Error::DeviceUnavailable { device, msg }) => {
             assert_eq!(device, "cuda:999");
@@ -737,6 +741,13 @@ fn device_info_is_sane() {
     if !embedded::MODULES.is_empty() {
         assert_ne!(info.kernel_image, "none");
     }
+    // The preflight reads the loaded image from this line (the `segvol bench` header).
+    let desc = KernelDevice::description(&dev);
+    println!("{desc}");
+    assert!(
+        desc.contains(info.kernel_image) && desc.contains("binary sm_"),
+        "{desc}"
+    );
     // Allocation: empty is fine, absurd is a typed out-of-memory error.
     assert_eq!(dev.alloc(0).unwrap().len(), 0);
     match dev.alloc(1 << 52) {
@@ -745,7 +756,10 @@ fn device_info_is_sane() {
     }
     let b = dev.alloc(1000).unwrap();
     assert_eq!(b.addr() % 256, 0);
-    // NVTX ranges never fail.
+    // NVTX ranges never fail, nested or with a NUL in the name.
     dev.range_push("segvol test range");
+    dev.range_push("inner\0range");
     dev.range_pop();
+    dev.range_pop();
+    dev.range_pop(); // one too many: a no-op
 }

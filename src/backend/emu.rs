@@ -6,15 +6,18 @@
 //!
 //! Memory is host memory: an [`Addr`] is a host address, 256-byte aligned like `cudaMalloc`.
 
-use super::kernel::{Dim3, KernelArgs, KernelDevice};
+use super::kernel::{DeviceGraph, Dim3, KernelArgs, KernelDevice};
 use super::{Addr, Buffer, GemmArgs};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::alloc::Layout;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The order in which the emulator runs a block's threads between barriers (and the blocks of a
 /// grid). A race-free kernel gives bit-identical results under every schedule; a missing barrier
@@ -122,26 +125,218 @@ extern "C" {
     fn emu_kernel_name(i: u32) -> *const c_char;
 }
 
+/// Whether the emulator records graphs ([`KernelDevice::begin_capture`]), like a CUDA stream
+/// capture: launches and GEMMs are recorded instead of run, and replayed by the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmuGraphs {
+    /// No graphs (the default): callers run ops eagerly.
+    Off,
+    /// Graphs are recorded and replayed.
+    On,
+    /// Captures record, then fail at the end like an invalidated CUDA capture
+    /// (`cuStreamEndCapture` returning an error), to exercise the callers' fallback.
+    FailCapture,
+}
+
+impl EmuGraphs {
+    /// `EMU_GRAPHS`: `0` (default), `1`, `fail`.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("EMU_GRAPHS").ok().as_deref() {
+            None | Some("") | Some("0") => Ok(EmuGraphs::Off),
+            Some("1") => Ok(EmuGraphs::On),
+            Some("fail") => Ok(EmuGraphs::FailCapture),
+            Some(v) => Err(Error::Usage(format!(
+                "EMU_GRAPHS={:?}: expected 0, 1 or fail",
+                v.chars().take(40).collect::<String>()
+            ))),
+        }
+    }
+}
+
+/// One recorded launch or GEMM, with the allocation each address pointed into when recorded.
+#[derive(Debug)]
+enum Recorded {
+    Launch {
+        kernel: String,
+        grid: Dim3,
+        block: Dim3,
+        shared_bytes: u32,
+        slots: Vec<u64>,
+        ptr_slots: Vec<usize>,
+        allocs: Vec<Option<u64>>,
+    },
+    Gemm {
+        args: GemmArgs,
+        dtype: DType,
+        allocs: Vec<Option<u64>>,
+    },
+}
+
+/// Graph state shared by the clones of one [`EmuDevice`] (one "stream").
+#[derive(Debug)]
+struct GraphState {
+    mode: EmuGraphs,
+    recording: parking_lot::Mutex<Option<Vec<Recorded>>>,
+    captures: AtomicU32,
+    replays: AtomicU32,
+}
+
 /// The host emulator as a [`KernelDevice`].
 #[derive(Clone, Debug)]
 pub struct EmuDevice {
     opts: EmuOptions,
+    graphs: Arc<GraphState>,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Live allocations
+// ------------------------------------------------------------------------------------------------
+
+/// Every live emulator allocation: start -> (end, id). Ids are never reused, so a graph that
+/// recorded an address can tell at replay whether the allocation it pointed into still exists
+/// (the host allocator may hand the same address to a later allocation).
+static LIVE: parking_lot::Mutex<BTreeMap<Addr, (Addr, u64)>> =
+    parking_lot::Mutex::new(BTreeMap::new());
+static NEXT_ALLOC_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The id of the live allocation `addr` points into (or one past its end: empty views).
+fn allocation_of(addr: Addr) -> Option<u64> {
+    let live = LIVE.lock();
+    let (_, &(end, id)) = live.range(..=addr).next_back()?;
+    (addr <= end).then_some(id)
+}
+
+/// The allocations the addresses point into, in order (`None` for 0 or host memory that is not
+/// an emulator allocation).
+fn allocations_of(addrs: &[Addr]) -> Vec<Option<u64>> {
+    addrs
+        .iter()
+        .map(|&a| if a == 0 { None } else { allocation_of(a) })
+        .collect()
+}
+
+/// Checks that each address recorded inside an allocation still lies inside a live one. A
+/// binding may legitimately be a new allocation at the same address (callers key graphs on
+/// addresses), so only memory that is no longer allocated at all is refused.
+fn check_live(what: &str, addrs: &[Addr], allocs: &[Option<u64>]) -> Result<()> {
+    for (i, (&a, id)) in addrs.iter().zip(allocs).enumerate() {
+        if id.is_some() && allocation_of(a).is_none() {
+            return Err(dev_err(format!(
+                "graph replay: {what} address {i} ({a:#x}) points into memory freed after \
+                 the capture"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The addresses a GEMM reads or writes.
+fn gemm_addrs(g: &GemmArgs) -> Vec<Addr> {
+    vec![
+        g.a,
+        g.b,
+        g.c,
+        g.bias.unwrap_or(0),
+        g.residual.map_or(0, |r| r.addr),
+    ]
 }
 
 impl EmuDevice {
-    /// An emulator with options from the environment ([`EmuOptions::from_env`]).
+    /// An emulator with options from the environment ([`EmuOptions::from_env`],
+    /// [`EmuGraphs::from_env`]).
     pub fn new() -> Result<Self> {
-        Ok(Self::with_options(EmuOptions::from_env()?))
+        Ok(Self::with_options(EmuOptions::from_env()?).with_graphs(EmuGraphs::from_env()?))
     }
 
-    /// An emulator with explicit options.
+    /// An emulator with explicit options, without graphs.
     pub fn with_options(opts: EmuOptions) -> Self {
         EmuDevice {
             opts: EmuOptions {
                 workers: opts.workers.max(1),
                 ..opts
             },
+            graphs: Arc::new(GraphState {
+                mode: EmuGraphs::Off,
+                recording: parking_lot::Mutex::new(None),
+                captures: AtomicU32::new(0),
+                replays: AtomicU32::new(0),
+            }),
         }
+    }
+
+    /// The same emulator with graphs in `mode` (a new, unshared graph state).
+    pub fn with_graphs(self, mode: EmuGraphs) -> Self {
+        EmuDevice {
+            graphs: Arc::new(GraphState {
+                mode,
+                recording: parking_lot::Mutex::new(None),
+                captures: AtomicU32::new(0),
+                replays: AtomicU32::new(0),
+            }),
+            ..self
+        }
+    }
+
+    /// The id of the live emulator allocation `addr` points into. Ids are never reused, so a
+    /// changed id means the memory was freed (and maybe handed out again) in between.
+    pub fn allocation_id(addr: Addr) -> Option<u64> {
+        allocation_of(addr)
+    }
+
+    /// How many captures have begun on this device (and its clones).
+    pub fn captures_begun(&self) -> u32 {
+        self.graphs.captures.load(Ordering::Relaxed)
+    }
+
+    /// How many graph replays have begun on this device (and its clones).
+    pub fn replays_begun(&self) -> u32 {
+        self.graphs.replays.load(Ordering::Relaxed)
+    }
+
+    fn capturing(&self) -> bool {
+        self.graphs.recording.lock().is_some()
+    }
+
+    /// Refuses what a CUDA stream capture refuses (allocation, copies, synchronisation).
+    fn refuse_in_capture(&self, what: &str) -> Result<()> {
+        if self.capturing() {
+            return Err(dev_err(format!(
+                "{what} is not allowed while a graph is being captured"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs one launch now.
+    unsafe fn launch_now(
+        &self,
+        kernel: &str,
+        grid: Dim3,
+        block: Dim3,
+        shared_bytes: u32,
+        args: &mut KernelArgs,
+    ) -> Result<()> {
+        let name = CString::new(kernel)
+            .map_err(|_| dev_err(format!("kernel name {kernel:?} contains a NUL byte")))?;
+        let mut params = args.as_params();
+        let opts = self.ffi_options();
+        let rc = emu_launch_ex(
+            name.as_ptr(),
+            grid.as_ptr(),
+            block.as_ptr(),
+            shared_bytes,
+            params.as_mut_ptr(),
+            params.len() as u32,
+            &opts,
+        );
+        if rc != 0 {
+            // The message is thread-local in the runtime and this thread made the launch.
+            let msg = CStr::from_ptr(emu_last_error())
+                .to_string_lossy()
+                .into_owned();
+            return Err(dev_err(msg));
+        }
+        Ok(())
     }
 
     /// The options launches use.
@@ -191,6 +386,7 @@ unsafe impl Sync for HostAlloc {}
 
 impl Drop for HostAlloc {
     fn drop(&mut self) {
+        LIVE.lock().remove(&(self.ptr.as_ptr() as Addr));
         // SAFETY: allocated in `EmuDevice::alloc` with this layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
@@ -206,6 +402,7 @@ impl KernelDevice for EmuDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
+        self.refuse_in_capture("allocating")?;
         let layout = Layout::from_size_align(bytes.max(1), 256)
             .map_err(|e| Error::OutOfMemory(format!("emu: cannot allocate {bytes} bytes: {e}")))?;
         // SAFETY: the layout has a non-zero size.
@@ -222,6 +419,9 @@ impl KernelDevice for EmuDevice {
         };
         let ptr = NonNull::new(p)
             .ok_or_else(|| Error::OutOfMemory(format!("emu: cannot allocate {bytes} bytes")))?;
+        let start = ptr.as_ptr() as Addr;
+        let id = NEXT_ALLOC_ID.fetch_add(1, Ordering::Relaxed);
+        LIVE.lock().insert(start, (start + bytes as Addr, id));
         Ok(Buffer::new(
             ptr.as_ptr() as Addr,
             bytes,
@@ -233,6 +433,7 @@ impl KernelDevice for EmuDevice {
         if src.is_empty() {
             return Ok(());
         }
+        self.refuse_in_capture("an upload")?;
         std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
         Ok(())
     }
@@ -241,12 +442,14 @@ impl KernelDevice for EmuDevice {
         if dst.is_empty() {
             return Ok(());
         }
+        self.refuse_in_capture("a download")?;
         std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len());
         Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(()) // launches are synchronous
+        // Launches are synchronous.
+        self.refuse_in_capture("synchronising")
     }
 
     unsafe fn launch(
@@ -257,31 +460,119 @@ impl KernelDevice for EmuDevice {
         shared_bytes: u32,
         args: &mut KernelArgs,
     ) -> Result<()> {
-        let name = CString::new(kernel)
-            .map_err(|_| dev_err(format!("kernel name {kernel:?} contains a NUL byte")))?;
-        let mut params = args.as_params();
-        let opts = self.ffi_options();
-        let rc = emu_launch_ex(
-            name.as_ptr(),
-            grid.as_ptr(),
-            block.as_ptr(),
-            shared_bytes,
-            params.as_mut_ptr(),
-            params.len() as u32,
-            &opts,
-        );
-        if rc != 0 {
-            // The message is thread-local in the runtime and this thread made the launch.
-            let msg = CStr::from_ptr(emu_last_error())
-                .to_string_lossy()
-                .into_owned();
-            return Err(dev_err(msg));
+        let mut rec = self.graphs.recording.lock();
+        if let Some(ops) = rec.as_mut() {
+            let addrs: Vec<Addr> = args.ptr_slots().iter().map(|&i| args.slots()[i]).collect();
+            ops.push(Recorded::Launch {
+                kernel: kernel.to_string(),
+                grid,
+                block,
+                shared_bytes,
+                slots: args.slots().to_vec(),
+                ptr_slots: args.ptr_slots().to_vec(),
+                allocs: allocations_of(&addrs),
+            });
+            return Ok(());
         }
-        Ok(())
+        drop(rec);
+        self.launch_now(kernel, grid, block, shared_bytes, args)
     }
 
     unsafe fn gemm(&self, args: &GemmArgs, dtype: DType) -> Result<()> {
+        let mut rec = self.graphs.recording.lock();
+        if let Some(ops) = rec.as_mut() {
+            ops.push(Recorded::Gemm {
+                args: *args,
+                dtype,
+                allocs: allocations_of(&gemm_addrs(args)),
+            });
+            return Ok(());
+        }
+        drop(rec);
         host_gemm(args, dtype)
+    }
+
+    fn supports_graphs(&self) -> bool {
+        self.graphs.mode != EmuGraphs::Off
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        if self.graphs.mode == EmuGraphs::Off {
+            return Err(dev_err("graph capture is not supported (EMU_GRAPHS=0)"));
+        }
+        let mut rec = self.graphs.recording.lock();
+        if rec.is_some() {
+            return Err(dev_err("a graph capture is already in progress"));
+        }
+        self.graphs.captures.fetch_add(1, Ordering::Relaxed);
+        *rec = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn DeviceGraph>> {
+        let ops = self
+            .graphs
+            .recording
+            .lock()
+            .take()
+            .ok_or_else(|| dev_err("end_capture without begin_capture"))?;
+        if self.graphs.mode == EmuGraphs::FailCapture {
+            return Err(dev_err(
+                "cuStreamEndCapture: the capture was invalidated (EMU_GRAPHS=fail)",
+            ));
+        }
+        Ok(Box::new(EmuGraph {
+            dev: self.clone(),
+            ops,
+        }))
+    }
+}
+
+/// A recorded emulator graph: its launches and GEMMs, replayed in order. Before each, the
+/// addresses are checked against the allocations they pointed into at capture, so a replay into
+/// freed memory is an error rather than silent corruption (what compute-sanitizer reports on a
+/// GPU).
+pub struct EmuGraph {
+    dev: EmuDevice,
+    ops: Vec<Recorded>,
+}
+
+impl DeviceGraph for EmuGraph {
+    unsafe fn launch(&self) -> Result<()> {
+        if self.dev.capturing() {
+            return Err(dev_err(
+                "launching a graph while another is being captured is not supported",
+            ));
+        }
+        self.dev.graphs.replays.fetch_add(1, Ordering::Relaxed);
+        for op in &self.ops {
+            match op {
+                Recorded::Launch {
+                    kernel,
+                    grid,
+                    block,
+                    shared_bytes,
+                    slots,
+                    ptr_slots,
+                    allocs,
+                } => {
+                    let addrs: Vec<Addr> = ptr_slots.iter().map(|&i| slots[i]).collect();
+                    check_live(kernel, &addrs, allocs)?;
+                    let mut args = KernelArgs::from_slots(slots.clone(), ptr_slots.clone());
+                    self.dev
+                        .launch_now(kernel, *grid, *block, *shared_bytes, &mut args)?;
+                }
+                Recorded::Gemm {
+                    args,
+                    dtype,
+                    allocs,
+                } => {
+                    check_live("gemm", &gemm_addrs(args), allocs)?;
+                    host_gemm(args, *dtype)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -452,6 +452,11 @@ pub trait Backend: Send + Sync {
     unsafe fn download(&self, src: Addr, dst: &mut [u8]) -> Result<()>;
     /// Waits for queued work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
+    /// One line naming the device for reports (`segvol bench`): the name, and on CUDA the GPU,
+    /// compute capability, the kernel image the driver loaded and library versions.
+    fn description(&self) -> String {
+        self.name()
+    }
     /// Device memory free now, where the device reports it (the default memory budget of a
     /// whole-volume run on CUDA). `None` on the host backends.
     fn free_memory(&self) -> Option<usize> {

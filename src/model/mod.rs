@@ -256,6 +256,8 @@ struct RunState {
     /// Captured graphs by binding, and how often each binding has run.
     graphs: HashMap<GraphKey, Box<dyn crate::backend::kernel::DeviceGraph>>,
     seen: HashMap<GraphKey, u32>,
+    /// Bindings whose capture failed: they run eagerly from then on, without another try.
+    uncapturable: std::collections::HashSet<GraphKey>,
 }
 
 /// A program bound to concrete addresses: what a captured graph replays.
@@ -371,6 +373,7 @@ impl SegVol {
                 staging: None,
                 graphs: HashMap::new(),
                 seen: HashMap::new(),
+                uncapturable: Default::default(),
             }),
         })
     }
@@ -488,19 +491,35 @@ impl SegVol {
         if st.seen.len() > 1024 {
             st.seen.clear();
         }
+        if st.uncapturable.len() > 1024 {
+            st.uncapturable.clear();
+        }
         let seen = st.seen.entry(key.clone()).or_insert(0);
         *seen += 1;
-        if *seen >= 2 && graphs_enabled() {
+        if *seen >= 2 && graphs_enabled() && !st.uncapturable.contains(&key) {
             // SAFETY (issue): as below; the capture only records.
-            let graph = backend.capture(&mut || unsafe { exec::run(backend, &bound) })?;
-            if let Some(g) = graph {
-                // SAFETY: recorded for these live buffers.
-                unsafe { g.launch()? };
-                if st.graphs.len() >= MAX_GRAPHS {
-                    st.graphs.clear();
+            match backend.capture(&mut || unsafe { exec::run(backend, &bound) }) {
+                Ok(Some(g)) => {
+                    // SAFETY: recorded for these live buffers.
+                    unsafe { g.launch()? };
+                    if st.graphs.len() >= MAX_GRAPHS {
+                        st.graphs.clear();
+                    }
+                    st.graphs.insert(key, g);
+                    return Ok(());
                 }
-                st.graphs.insert(key, g);
-                return Ok(());
+                Ok(None) => {}
+                // A capture only records, so nothing of the failed one ran: running the ops
+                // eagerly below gives the same result. Graphs are an optimisation, so this
+                // binding stays eager rather than failing the call or retrying every time.
+                Err(e) => {
+                    eprintln!(
+                        "note: {}: graph capture of `{}` failed, running it without a graph: {e}",
+                        backend.name(),
+                        c.program.name
+                    );
+                    st.uncapturable.insert(key);
+                }
             }
         }
         // SAFETY: the arena, the weights and the caller's buffers are live allocations of this

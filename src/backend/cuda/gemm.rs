@@ -192,9 +192,62 @@ fn fits_i32(v: usize) -> bool {
     v <= i32::MAX as usize
 }
 
+/// How much of a GEMM is left to cuBLASLt: each level is the fallback of the one before when
+/// cuBLASLt's heuristic finds no algorithm (misaligned views, stride-0 batches, fused
+/// epilogues on some shapes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// Paths 1-3 of the module docs.
+    Fused,
+    /// No cuBLASLt epilogue: a plain matmul and the epilogue kernel (paths 2-3).
+    Unfused,
+    /// As `Unfused`, one batch-1 matmul per batch ([`split_batches`]).
+    PerBatch,
+}
+
+/// What to try after cuBLASLt found no algorithm for `failed` at `level`; `None` when nothing
+/// simpler is left (the error stands).
+pub(crate) fn next_level(level: Level, failed: &GemmPlan) -> Option<Level> {
+    let s = &failed.lt.shape;
+    let fused = s.epilogue != LtEpilogue::Default;
+    match level {
+        Level::Fused if fused => Some(Level::Unfused),
+        Level::Fused | Level::Unfused if s.batch > 1 => Some(Level::PerBatch),
+        _ => None,
+    }
+}
+
+/// `a` as one batch-1 GEMM per batch, the addresses advanced by `esz`-byte elements.
+pub(crate) fn split_batches(a: &GemmArgs, esz: usize) -> Vec<GemmArgs> {
+    let off = |base: Addr, stride: usize, b: usize| base + (b * stride * esz) as Addr;
+    (0..a.batch)
+        .map(|b| GemmArgs {
+            batch: 1,
+            a: off(a.a, a.batch_stride_a, b),
+            b: off(a.b, a.batch_stride_b, b),
+            c: off(a.c, a.batch_stride_c, b),
+            batch_stride_a: 0,
+            batch_stride_b: 0,
+            batch_stride_c: 0,
+            residual: a.residual.map(|r| Residual {
+                addr: off(r.addr, r.batch_stride, b),
+                batch_stride: 0,
+                ..r
+            }),
+            ..*a
+        })
+        .collect()
+}
+
 /// Validates `a` and decides how it runs (module docs). `None`: nothing to compute (an empty
 /// output).
+#[cfg(test)]
 pub(crate) fn plan(a: &GemmArgs, dtype: DType) -> Result<Option<GemmPlan>> {
+    plan_at(a, dtype, Level::Fused)
+}
+
+/// [`plan`] with the fused cuBLASLt epilogues allowed only at [`Level::Fused`].
+pub(crate) fn plan_at(a: &GemmArgs, dtype: DType, level: Level) -> Result<Option<GemmPlan>> {
     if !dtype.is_float() {
         return Err(bad(format!("dtype {dtype} is not a float type")));
     }
@@ -243,8 +296,10 @@ pub(crate) fn plan(a: &GemmArgs, dtype: DType) -> Result<Option<GemmPlan>> {
     });
     let bias_fusable = a.bias.is_none_or(|b| b % BIAS_ALIGN == 0);
     let act_fusable = matches!(a.act, Act::None | Act::Relu);
-    let fused =
-        act_fusable && bias_fusable && (a.residual.is_none() || (res_is_c && a.act == Act::None));
+    let fused = level == Level::Fused
+        && act_fusable
+        && bias_fusable
+        && (a.residual.is_none() || (res_is_c && a.act == Act::None));
 
     let (epilogue, lt_bias, accumulate, kernel, save) = if fused {
         let epi = match (a.bias.is_some(), a.act) {
@@ -451,6 +506,29 @@ fn lt_err(what: &str, e: lt::CublasError) -> String {
     format!("{what}: {:?}", e.0)
 }
 
+/// Why a cuBLASLt call could not be made.
+#[derive(Debug)]
+pub(crate) enum LtFailure {
+    /// The heuristic found no algorithm for this shape, dtype and alignment ([`next_level`]).
+    NoAlgorithm(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl From<String> for LtFailure {
+    fn from(s: String) -> Self {
+        LtFailure::Other(s)
+    }
+}
+
+impl std::fmt::Display for LtFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LtFailure::NoAlgorithm(s) | LtFailure::Other(s) => f.write_str(s),
+        }
+    }
+}
+
 impl LtPlan {
     /// # Safety
     /// `handle` must be a live cuBLASLt handle.
@@ -459,7 +537,7 @@ impl LtPlan {
         dtype: DType,
         s: &LtShape,
         align: [u32; 3],
-    ) -> std::result::Result<Self, String> {
+    ) -> std::result::Result<Self, LtFailure> {
         let dt = lt_dtype(dtype);
         let mut plan = LtPlan {
             desc: std::ptr::null_mut(),
@@ -565,7 +643,12 @@ impl LtPlan {
                 set(attr, (&v as *const u32).cast(), 4)?;
             }
             lt::get_matmul_algo_heuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, pref)
-                .map_err(|e| lt_err("cublasLtMatmulAlgoGetHeuristic (no algorithm)", e))
+                .map_err(|e| {
+                    LtFailure::NoAlgorithm(lt_err(
+                        "cublasLtMatmulAlgoGetHeuristic (no algorithm)",
+                        e,
+                    ))
+                })
         })();
         let _ = lt::destroy_matmul_pref(pref);
         plan.algo = heuristic?.algo;
@@ -625,7 +708,7 @@ impl Lt {
         dtype: DType,
         call: &LtCall,
         stream: cudarc::driver::sys::CUstream,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), LtFailure> {
         let key = (
             dtype,
             call.shape,
@@ -636,8 +719,14 @@ impl Lt {
             if plans.len() >= MAX_PLANS {
                 plans.clear();
             }
-            let p = LtPlan::new(self.handle, dtype, &call.shape, key.2)
-                .map_err(|e| format!("{e} for {dtype} {:?}", call.shape))?;
+            let p = LtPlan::new(self.handle, dtype, &call.shape, key.2).map_err(|e| match e {
+                LtFailure::NoAlgorithm(m) => {
+                    LtFailure::NoAlgorithm(format!("{m} for {dtype} {:?}", call.shape))
+                }
+                LtFailure::Other(m) => {
+                    LtFailure::Other(format!("{m} for {dtype} {:?}", call.shape))
+                }
+            })?;
             plans.insert(key, p);
         }
         let p = &plans[&key];
@@ -648,7 +737,7 @@ impl Lt {
                 (&bias as *const u64).cast(),
                 8,
             )
-            .map_err(|e| lt_err("set bias pointer", e))?;
+            .map_err(|e| LtFailure::Other(lt_err("set bias pointer", e)))?;
         }
         let alpha = call.alpha;
         let beta: f32 = if call.shape.accumulate { 1.0 } else { 0.0 };
@@ -670,7 +759,12 @@ impl Lt {
             self.workspace.bytes,
             stream as ltsys::cudaStream_t,
         )
-        .map_err(|e| format!("cublasLtMatmul {dtype} {:?}: {:?}", call.shape, e.0))
+        .map_err(|e| {
+            LtFailure::Other(format!(
+                "cublasLtMatmul {dtype} {:?}: {:?}",
+                call.shape, e.0
+            ))
+        })
     }
 }
 
@@ -786,8 +880,15 @@ mod tests {
     }
 
     /// Runs `plan(a)` the way `CudaDevice::gemm` does, with scratch at `scratch`.
-    fn run_plan(mem: &mut [f64], a: &GemmArgs, scratch: usize) -> GemmPlan {
-        let p = plan(a, DType::F32).unwrap().unwrap();
+    fn run_plan(mem: &mut [f64], a: &GemmArgs, scratch: usize, level: Level) -> GemmPlan {
+        let p = plan_at(a, DType::F32, level).unwrap().unwrap();
+        if level == Level::PerBatch && p.lt.shape.batch > 1 {
+            // As `CudaDevice::gemm`: one batch-1 plan per batch, in order.
+            for one in split_batches(a, 1) {
+                run_plan(mem, &one, scratch, level);
+            }
+            return p;
+        }
         if let Some(s) = p.save {
             for b in 0..s.batch {
                 for i in 0..s.m {
@@ -821,6 +922,7 @@ mod tests {
         act: Act,
         residual: u8, // 0 none, 1 in place, 2 other buffer, 3 other with batch stride 0, 4 ld 0
         alpha: f32,
+        level: Level,
     }
 
     /// Builds the arguments of `case` in a fresh memory, runs the plan and the reference, and
@@ -915,7 +1017,7 @@ mod tests {
         };
         let mut want = mem.clone();
         reference(&mut want, &args);
-        let p = run_plan(&mut mem, &args, scratch);
+        let p = run_plan(&mut mem, &args, scratch, case.level);
         for (i, (g, w)) in mem.iter().zip(&want).enumerate() {
             if i >= scratch && i < scratch + batch * m * n {
                 continue; // scratch contents are not part of the contract
@@ -951,6 +1053,7 @@ mod tests {
                 act: acts[rng.below(4) as usize],
                 residual: rng.below(5) as u8,
                 alpha: if trial % 4 == 0 { 0.5 } else { 1.0 },
+                level: Level::Fused,
             };
             let p = check(case, &mut rng);
             let path = match (p.save.is_some(), p.epilogue.is_some()) {
@@ -980,6 +1083,67 @@ mod tests {
             act: Act::None,
             residual: 0,
             alpha: 1.0,
+            level: Level::Fused,
+        }
+    }
+
+    /// The fallbacks of a heuristic without algorithm: every level computes the same result on
+    /// every case (the unfused matmul + epilogue kernel, and per-batch matmuls, equal the fused
+    /// plan and the definition), and the level chain goes fused -> unfused -> per batch -> error.
+    #[test]
+    fn every_fallback_level_matches_the_row_major_definition() {
+        let mut rng = Rng(23);
+        let acts = [Act::None, Act::Gelu, Act::Relu, Act::QuickGelu];
+        for _ in 0..300 {
+            let case = Case {
+                batch: 1 + rng.below(3) as usize,
+                m: 1 + rng.below(7) as usize,
+                n: 1 + rng.below(7) as usize,
+                k: 1 + rng.below(7) as usize,
+                b_trans: rng.below(2) == 0,
+                bcast_a: rng.below(5) == 0,
+                bcast_b: rng.below(3) == 0,
+                packed: rng.below(2) == 0,
+                bias: match rng.below(3) {
+                    0 => None,
+                    1 => Some(true),
+                    _ => Some(false),
+                },
+                act: acts[rng.below(4) as usize],
+                residual: rng.below(5) as u8,
+                alpha: 1.0,
+                level: Level::Fused,
+            };
+            let fused = check(case, &mut rng);
+            let unfused = check(
+                Case {
+                    level: Level::Unfused,
+                    ..case
+                },
+                &mut rng,
+            );
+            assert_eq!(unfused.lt.shape.epilogue, LtEpilogue::Default);
+            assert!(unfused.lt.bias.is_none());
+            check(
+                Case {
+                    level: Level::PerBatch,
+                    ..case
+                },
+                &mut rng,
+            );
+            // The chain after "no algorithm".
+            let after_fused = next_level(Level::Fused, &fused);
+            if fused.lt.shape.epilogue != LtEpilogue::Default {
+                assert_eq!(after_fused, Some(Level::Unfused));
+            } else if fused.lt.shape.batch > 1 {
+                assert_eq!(after_fused, Some(Level::PerBatch));
+            } else {
+                assert_eq!(after_fused, None);
+            }
+            let after_unfused = next_level(Level::Unfused, &unfused);
+            let want = (unfused.lt.shape.batch > 1).then_some(Level::PerBatch);
+            assert_eq!(after_unfused, want);
+            assert_eq!(next_level(Level::PerBatch, &unfused), None);
         }
     }
 

@@ -30,7 +30,7 @@ use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Whether the CUDA driver library (`libcuda.so`) can be loaded. Everything else in this
@@ -121,10 +121,37 @@ impl Drop for Module {
     }
 }
 
-/// A kernel: its handle and the dynamic shared memory it has been opted in to.
+/// A kernel: its handle and the dynamic shared memory it may use, opted in once at load
+/// (`cuFuncSetAttribute` per launch would race between threads launching the same kernel).
 struct Function {
     f: sys::CUfunction,
-    smem_opt_in: AtomicU32,
+    max_dynamic_smem: u32,
+}
+
+/// Opts `f` in to all the dynamic shared memory the device allows a block (`optin` bytes per
+/// block, less the kernel's static shared memory) and returns that amount.
+///
+/// # Safety
+/// `f` must be a loaded function; its context current.
+unsafe fn opt_in_shared_memory(
+    f: sys::CUfunction,
+    optin: i32,
+) -> std::result::Result<u32, DriverError> {
+    let mut static_bytes = 0i32;
+    sys::cuFuncGetAttribute(
+        &mut static_bytes,
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+        f,
+    )
+    .result()?;
+    let max = (optin - static_bytes).max(0);
+    sys::cuFuncSetAttribute(
+        f,
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        max,
+    )
+    .result()?;
+    Ok(max as u32)
 }
 
 /// The scratch buffers of GEMM path 3 ([`gemm`]): grow-only, and old ones are kept, since a
@@ -154,6 +181,8 @@ struct Inner {
     multiprocessors: i32,
     driver_version: i32,
     kernel_image: &'static str,
+    /// `CU_FUNC_ATTRIBUTE_BINARY_VERSION` of the first kernel (`90` for sm_90 SASS).
+    binary_version: i32,
     copy_stream: Arc<CudaStream>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
@@ -351,6 +380,11 @@ impl CudaDevice {
             .result()
             .map_err(|e| failed("cuDriverGetVersion", e))?;
 
+        let smem_optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| failed("shared memory per block (opt-in)", e))?;
         let use_cubin = cubin_matches(embedded::CUDA_ARCH, cc);
         let mut modules = Vec::new();
         let mut functions = HashMap::new();
@@ -377,17 +411,33 @@ impl CudaDevice {
                         format!("module `{}` has no kernel `{k}`: {}", m.name, describe(e)),
                     )
                 })?;
+                // SAFETY: `f` was just loaded; the context is current.
+                let max_dynamic_smem = unsafe { opt_in_shared_memory(f, smem_optin) }
+                    .map_err(|e| failed(&format!("{k}: shared memory opt-in"), e))?;
                 functions.insert(
                     k,
                     Function {
                         f,
-                        smem_opt_in: AtomicU32::new(0),
+                        max_dynamic_smem,
                     },
                 );
             }
             modules.push(module);
         }
 
+        let mut binary_version = 0;
+        if let Some(f) = functions.values().next() {
+            // SAFETY: writes one int for a loaded function.
+            unsafe {
+                sys::cuFuncGetAttribute(
+                    &mut binary_version,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_BINARY_VERSION,
+                    f.f,
+                )
+            }
+            .result()
+            .map_err(|e| failed("kernel binary version", e))?;
+        }
         let workspace = raw_alloc(&ctx, gemm::WORKSPACE_BYTES)
             .map_err(|e| failed("cuBLASLt workspace allocation", e))?;
         let lt = gemm::Lt::new(workspace).map_err(|e| Error::device(&label, e))?;
@@ -417,6 +467,7 @@ impl CudaDevice {
                 multiprocessors,
                 driver_version,
                 kernel_image,
+                binary_version,
                 copy_stream,
                 stream,
                 ctx,
@@ -633,22 +684,20 @@ impl CudaDevice {
 
     // ----- NVTX -----
 
-    /// Opens a named NVTX range (shown by Nsight Systems). A no-op when libnvToolsExt is not
-    /// installed (noted once on stderr if a profiler appears to be attached).
+    /// Opens a named NVTX range (shown by Nsight Systems), through cudarc's safe range guard
+    /// kept on a per-thread stack. A no-op when libnvToolsExt is not installed (noted once on
+    /// stderr if a profiler appears to be attached).
     pub fn range_push(&self, name: &str) {
         if nvtx_present() {
-            let c = CString::new(name.replace('\0', " ")).unwrap_or_default();
-            // SAFETY: the library is loaded; `c` is NUL-terminated.
-            unsafe { cudarc::nvtx::sys::nvtxRangePushA(c.as_ptr()) };
+            let range = cudarc::nvtx::safe::scoped_range(name.replace('\0', " "));
+            NVTX_RANGES.with(|r| r.borrow_mut().push(range));
         }
     }
 
-    /// Closes the innermost range opened by [`CudaDevice::range_push`].
+    /// Closes the innermost range opened by [`CudaDevice::range_push`] on this thread.
     pub fn range_pop(&self) {
-        if nvtx_present() {
-            // SAFETY: the library is loaded.
-            unsafe { cudarc::nvtx::sys::nvtxRangePop() };
-        }
+        // Dropping the guard ends the range.
+        NVTX_RANGES.with(|r| drop(r.borrow_mut().pop()));
     }
 
     /// Enqueues one epilogue kernel computation (`gemm` paths 2 and 3).
@@ -670,6 +719,28 @@ impl CudaDevice {
             self.launch(kernel, l.grid, [gemm::EPILOGUE_BLOCK, 1, 1], 0, &mut args)?;
         }
         Ok(())
+    }
+
+    /// Enqueues one GEMM plan. `Ok(Some(msg))`: cuBLASLt found no algorithm for its matmul
+    /// (nothing of the matmul was enqueued); the caller falls back to a simpler plan.
+    unsafe fn run_gemm_plan(&self, plan: &gemm::GemmPlan, dtype: DType) -> Result<Option<String>> {
+        let scratch = match &plan.save {
+            Some(s) => self.save_residual(s, dtype)?,
+            None => 0,
+        };
+        match self
+            .inner
+            .lt
+            .matmul(dtype, &plan.lt, self.inner.stream.cu_stream())
+        {
+            Ok(()) => {}
+            Err(gemm::LtFailure::NoAlgorithm(m)) => return Ok(Some(m)),
+            Err(gemm::LtFailure::Other(m)) => return Err(Error::device(&self.inner.label, m)),
+        }
+        if let Some(e) = &plan.epilogue {
+            self.epilogue(e, scratch, dtype)?;
+        }
+        Ok(None)
     }
 
     /// Copies C into the scratch buffer before the GEMM overwrites it (`gemm` path 3).
@@ -724,6 +795,12 @@ fn raw_alloc(
     })
 }
 
+thread_local! {
+    /// The NVTX ranges opened by [`CudaDevice::range_push`] on this thread, innermost last.
+    static NVTX_RANGES: std::cell::RefCell<Vec<cudarc::nvtx::safe::Range>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Whether libnvToolsExt loads (checked once).
 fn nvtx_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
@@ -744,6 +821,24 @@ fn nvtx_present() -> bool {
 impl KernelDevice for CudaDevice {
     fn name(&self) -> String {
         self.inner.label.clone()
+    }
+
+    /// `cuda:0 (NVIDIA H200, sm_90, kernels: cubin sm_90a, binary sm_90, cuBLASLt 130000,
+    /// driver 13000)`: the image is what the driver loaded (the load path), and the binary
+    /// version is `CU_FUNC_ATTRIBUTE_BINARY_VERSION` of a loaded kernel (the SASS it runs).
+    fn description(&self) -> String {
+        let i = &self.inner;
+        format!(
+            "{} ({}, sm_{}{}, kernels: {}, binary sm_{}, cuBLASLt {}, driver {})",
+            i.label,
+            i.name,
+            i.cc.0,
+            i.cc.1,
+            i.kernel_image,
+            i.binary_version,
+            gemm::Lt::version(),
+            i.driver_version
+        )
     }
 
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
@@ -831,21 +926,15 @@ impl KernelDevice for CudaDevice {
             return Ok(()); // an empty problem: nothing to launch
         }
         self.bind()?;
-        // Above 48 KiB, dynamic shared memory needs an explicit opt-in per function.
-        if shared_bytes > 48 << 10 && shared_bytes > func.smem_opt_in.load(Ordering::Relaxed) {
-            sys::cuFuncSetAttribute(
-                func.f,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_bytes as i32,
-            )
-            .result()
-            .map_err(|e| {
-                self.fail(
-                    &format!("{kernel}: {shared_bytes} bytes of shared memory"),
-                    e,
-                )
-            })?;
-            func.smem_opt_in.fetch_max(shared_bytes, Ordering::Relaxed);
+        if shared_bytes > func.max_dynamic_smem {
+            return Err(Error::device(
+                &i.label,
+                format!(
+                    "{kernel}: {shared_bytes} bytes of dynamic shared memory exceed the {} this \
+                     device allows it",
+                    func.max_dynamic_smem
+                ),
+            ));
         }
         let mut params = args.as_params();
         drv::launch_kernel(
@@ -866,20 +955,36 @@ impl KernelDevice for CudaDevice {
     }
 
     unsafe fn gemm(&self, args: &GemmArgs, dtype: DType) -> Result<()> {
-        let Some(plan) = gemm::plan(args, dtype)? else {
-            return Ok(());
-        };
         self.bind()?;
-        let scratch = match &plan.save {
-            Some(s) => self.save_residual(s, dtype)?,
-            None => 0,
-        };
-        self.inner
-            .lt
-            .matmul(dtype, &plan.lt, self.inner.stream.cu_stream())
-            .map_err(|e| Error::device(&self.inner.label, e))?;
-        if let Some(e) = &plan.epilogue {
-            self.epilogue(e, scratch, dtype)?;
+        let mut level = gemm::Level::Fused;
+        loop {
+            let Some(plan) = gemm::plan_at(args, dtype, level)? else {
+                return Ok(());
+            };
+            let run = if level == gemm::Level::PerBatch && plan.lt.shape.batch > 1 {
+                let mut failed = None;
+                for a in gemm::split_batches(args, dtype.size()) {
+                    if let Some(p) = gemm::plan_at(&a, dtype, level)? {
+                        failed = self.run_gemm_plan(&p, dtype)?;
+                        if failed.is_some() {
+                            break;
+                        }
+                    }
+                }
+                Ok(failed)
+            } else {
+                self.run_gemm_plan(&plan, dtype)
+            };
+            match run? {
+                None => break,
+                // No algorithm: a simpler plan, or the error. The heuristic runs before anything
+                // of this plan's matmul is enqueued, and a repeated residual save copies the
+                // same unchanged C, so retrying is safe.
+                Some(msg) => match gemm::next_level(level, &plan) {
+                    Some(next) => level = next,
+                    None => return Err(Error::device(&self.inner.label, msg)),
+                },
+            }
         }
         self.debug_sync(&|| format!("gemm {dtype} {args:?}"))
     }

@@ -31,6 +31,8 @@ pub type Dim3 = [u32; 3];
 #[derive(Default)]
 pub struct KernelArgs {
     slots: Vec<u64>,
+    /// Which slots hold device addresses (so a graph recorder can check them at replay).
+    ptr_slots: Vec<usize>,
 }
 
 impl KernelArgs {
@@ -39,6 +41,7 @@ impl KernelArgs {
     }
     /// A device address (`T*` parameter).
     pub fn ptr(&mut self, a: Addr) -> &mut Self {
+        self.ptr_slots.push(self.slots.len());
         self.slots.push(a);
         self
     }
@@ -62,6 +65,18 @@ impl KernelArgs {
         self.slots.push(v.to_bits() as u64);
         self
     }
+    /// The raw slots (one per argument, in order).
+    pub fn slots(&self) -> &[u64] {
+        &self.slots
+    }
+    /// The indices of the slots that hold addresses ([`KernelArgs::ptr`]).
+    pub fn ptr_slots(&self) -> &[usize] {
+        &self.ptr_slots
+    }
+    /// Arguments rebuilt from recorded slots (a graph replay).
+    pub fn from_slots(slots: Vec<u64>, ptr_slots: Vec<usize>) -> Self {
+        KernelArgs { slots, ptr_slots }
+    }
     /// Number of arguments.
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -83,6 +98,10 @@ impl KernelArgs {
 pub trait KernelDevice: Send + Sync {
     /// `emu`, `cuda:0`.
     fn name(&self) -> String;
+    /// One line for reports ([`super::Backend::description`]).
+    fn description(&self) -> String {
+        self.name()
+    }
     /// Allocates `bytes`, 256-byte aligned.
     fn alloc(&self, bytes: usize) -> Result<Buffer>;
     /// # Safety
@@ -156,20 +175,44 @@ pub trait DeviceGraph: Send {
 /// A device buffer for the partial results of multi-stage kernels (reductions, statistics),
 /// kept by the backend and grown on demand, so steady-state launches allocate nothing. Launches
 /// run in order on one stream, so consecutive ops may reuse it.
+///
+/// Growing retires the old buffer instead of freeing it: a CUDA graph captured earlier (the
+/// joint LayerNorm of a program) holds the old address and replays into it. Retiring is the
+/// sound choice because the scratch is also used outside programs (foreground statistics,
+/// clip/z-score, bbox), so no plan knows its final size, and keying graphs on its address would
+/// still leave graphs pointing at freed memory between growth and re-capture. Sizes are powers
+/// of two, so everything retired together is smaller than the current buffer: less than twice
+/// the current buffer stays allocated.
 #[derive(Default)]
 pub struct Scratch {
-    buf: parking_lot::Mutex<Option<Buffer>>,
+    bufs: parking_lot::Mutex<ScratchBufs>,
+}
+
+#[derive(Default)]
+struct ScratchBufs {
+    current: Option<Buffer>,
+    retired: Vec<Buffer>,
 }
 
 impl Scratch {
-    /// The address of at least `bytes` of scratch memory (valid until the next larger request).
+    /// The address of at least `bytes` of scratch memory. Every address handed out stays
+    /// allocated as long as the scratch lives (a captured graph may still use it); its contents
+    /// are valid until the next request.
     pub fn get(&self, dev: &dyn KernelDevice, bytes: usize) -> Result<Addr> {
-        let mut b = self.buf.lock();
-        if b.as_ref().is_none_or(|x| x.len() < bytes) {
-            *b = None;
-            *b = Some(dev.alloc(bytes.max(4096).next_power_of_two())?);
+        let mut b = self.bufs.lock();
+        if b.current.as_ref().is_none_or(|x| x.len() < bytes) {
+            let new = dev.alloc(bytes.max(4096).next_power_of_two())?;
+            if let Some(old) = b.current.replace(new) {
+                b.retired.push(old);
+            }
         }
-        Ok(b.as_ref().unwrap().addr())
+        Ok(b.current.as_ref().map_or(0, |x| x.addr()))
+    }
+
+    /// Bytes held, current and retired.
+    pub fn held_bytes(&self) -> usize {
+        let b = self.bufs.lock();
+        b.current.as_ref().map_or(0, |x| x.len()) + b.retired.iter().map(|x| x.len()).sum::<usize>()
     }
 }
 
@@ -201,11 +244,19 @@ impl<D: KernelDevice> KernelBackend<D> {
     pub fn device(&self) -> &D {
         &self.dev
     }
+
+    /// Bytes of scratch memory held, current and retired ([`Scratch`]).
+    pub fn scratch_held_bytes(&self) -> usize {
+        self.scratch.held_bytes()
+    }
 }
 
 impl<D: KernelDevice + Clone + 'static> Backend for KernelBackend<D> {
     fn name(&self) -> String {
         self.dev.name()
+    }
+    fn description(&self) -> String {
+        self.dev.description()
     }
     fn dtype(&self) -> DType {
         self.dtype

@@ -132,7 +132,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (enc_m, dec_m, call_m) = (median(&mut enc), median(&mut dec), median(&mut call));
     println!(
         "segvol bench: {} ({}), window {:?}, batch {batch}, text {:?}, {} iterations (median), {} threads",
-        b.name(),
+        b.description(),
         b.dtype(),
         cfg.spatial_size,
         a.text,
