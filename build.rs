@@ -34,6 +34,7 @@ fn main() {
         "REQUIRE_CUDA_KERNELS",
         "CUDA_ARCH",
         "EMU_CXXFLAGS",
+        "SEGVOL_CUDA_ARCHS",
     ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
@@ -328,8 +329,12 @@ fn build_cuda(
         .ok()
         .filter(|a| !a.is_empty())
         .unwrap_or_else(|| "90a".into());
+    // SEGVOL_CUDA_ARCHS=sm_90a (tools/gpu-check.sh --prepare): the sm_90a cubin and PTX only,
+    // no portable sm_80 PTX, so the GPU bundle stays small; the sm_90a PTX stands in for it.
+    let only_primary =
+        env::var("SEGVOL_CUDA_ARCHS").is_ok_and(|v| v.trim() == format!("sm_{arch}"));
     let mut archs = vec![arch.clone()];
-    if arch != "80" {
+    if arch != "80" && !only_primary {
         archs.push("80".into());
     }
     // Jobs: (file index, arch); each runs nvcc -ptx, then ptxas.
@@ -428,7 +433,7 @@ fn build_cuda(
             spills.join("\n")
         );
     }
-    let sm80 = if arch == "80" {
+    let sm80 = if arch == "80" || only_primary {
         arch.clone()
     } else {
         "80".into()

@@ -111,9 +111,13 @@ pub fn json(path: &Path) -> serde_json::Value {
     .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The path of the built `segvol` binary.
+/// The `segvol` binary under test: `SEGVOL_BIN` (the GPU bundle runs its tests where no cargo
+/// build tree exists, tools/gpu-check.sh), else the one cargo built.
 pub fn segvol_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_segvol"))
+    match std::env::var_os("SEGVOL_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_segvol")),
+    }
 }
 
 /// A full-size `segvol-random-v1` model directory (seed 2), generated once per machine into
