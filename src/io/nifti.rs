@@ -1184,15 +1184,57 @@ const GZIP_LEVEL: i32 = 3;
 /// The file is written atomically (temporary file and rename).
 pub fn write_mask(path: &Path, like: &Volume, mask: &[u8]) -> Result<()> {
     check_len(path, like, mask.len())?;
-    if let Some(n) = mask.iter().position(|&v| v > 1) {
-        let [i, j, k] = like.ijk(n);
-        return Err(Error::Input(format!(
-            "{}: mask voxel (i,j,k) = ({i},{j},{k}) is {}, a mask holds only 0 and 1",
+    check_labels(path, like, mask, 1)?;
+    write_like(path, like, NiftiDtype::U8, 8, mask, None)
+}
+
+/// Writes a label map (uint8: 0 = background, `n` = the voxels of `names[n - 1]`) on the grid
+/// of `like`, with the header rules of [`write_mask`] plus one header extension that names the
+/// labels: ecode 0 holding the label table as XML in the layout TotalSegmentator writes
+/// (`<CaretExtension>` with a `<LabelTable>` of `<Label Key="n">name</Label>`), so tools that
+/// read TotalSegmentator's multi-label files show the names. nibabel reads it as an ordinary
+/// extension; readers that ignore extensions see a plain uint8 volume.
+pub fn write_label_map(path: &Path, like: &Volume, map: &[u8], names: &[String]) -> Result<()> {
+    check_len(path, like, map.len())?;
+    if names.is_empty() || names.len() > 255 {
+        return Err(Error::Internal(format!(
+            "{}: a uint8 label map holds 1 to 255 labels, {} given",
             path.display(),
-            mask[n]
+            names.len()
         )));
     }
-    write_like(path, like, NiftiDtype::U8, 8, mask)
+    check_labels(path, like, map, names.len())?;
+    let xml = label_table_xml(names);
+    write_like(
+        path,
+        like,
+        NiftiDtype::U8,
+        8,
+        map,
+        Some((0, xml.as_bytes())),
+    )
+}
+
+/// The label-table XML of [`write_label_map`]. Names go into CDATA sections; a `]]>` inside a
+/// name is split across two sections, the one sequence CDATA cannot hold.
+pub fn label_table_xml(names: &[String]) -> String {
+    let mut x = String::from(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<CaretExtension>\n<VolumeInformation Index=\"0\">\n<LabelTable>\n",
+    );
+    x.push_str("<Label Key=\"0\" Red=\"0\" Green=\"0\" Blue=\"0\" Alpha=\"0\"><![CDATA[background]]></Label>\n");
+    for (i, name) in names.iter().enumerate() {
+        // A fixed, well-spread palette: golden-ratio hue steps, full saturation.
+        let h = (i as f64 * 0.618_033_988_75).fract() * 6.0;
+        let c = |o: f64| ((((h + o) % 6.0) - 3.0).abs() - 1.0).clamp(0.0, 1.0);
+        let (r, g, b) = (c(0.0), c(4.0), c(2.0));
+        x.push_str(&format!(
+            "<Label Key=\"{}\" Red=\"{r:.3}\" Green=\"{g:.3}\" Blue=\"{b:.3}\" Alpha=\"1\"><![CDATA[{}]]></Label>\n",
+            i + 1,
+            name.replace("]]>", "]]]]><![CDATA[>")
+        ));
+    }
+    x.push_str("</LabelTable>\n<VolumeType><![CDATA[Label]]></VolumeType>\n</VolumeInformation>\n</CaretExtension>\n");
+    x
 }
 
 /// Writes a float32 volume (e.g. probabilities) on the grid of `like`, with the same header
@@ -1203,16 +1245,30 @@ pub fn write_volume_f32(path: &Path, like: &Volume, data: &[f32]) -> Result<()> 
     for v in data {
         payload.extend_from_slice(&v.to_le_bytes());
     }
-    write_like(path, like, NiftiDtype::F32, 32, &payload)
+    write_like(path, like, NiftiDtype::F32, 32, &payload, None)
 }
 
+// The writers receive what segvol computed on the grid it read: a mismatch is a bug of segvol
+// (exit 1), never the user's input.
 fn check_len(path: &Path, like: &Volume, n: usize) -> Result<()> {
     if n != like.len() {
         let [x, y, z] = like.dims;
-        return Err(Error::Input(format!(
+        return Err(Error::Internal(format!(
             "{}: {n} voxels given for a {x}x{y}x{z} grid ({} voxels)",
             path.display(),
             like.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_labels(path: &Path, like: &Volume, map: &[u8], max: usize) -> Result<()> {
+    if let Some(n) = map.iter().position(|&v| v as usize > max) {
+        let [i, j, k] = like.ijk(n);
+        return Err(Error::Internal(format!(
+            "{}: voxel (i,j,k) = ({i},{j},{k}) holds label {}, but only 0..={max} are defined",
+            path.display(),
+            map[n]
         )));
     }
     Ok(())
@@ -1224,6 +1280,7 @@ fn write_like(
     dtype: NiftiDtype,
     bitpix: i16,
     payload: &[u8],
+    extension: Option<(i32, &[u8])>,
 ) -> Result<()> {
     let name = path
         .file_name()
@@ -1244,6 +1301,22 @@ fn write_like(
     h.cal_min = 0.0;
     h.cal_max = 0.0;
     let mut bytes = h.to_bytes();
+    if let Some((ecode, content)) = extension {
+        // The extender's first byte flags extensions; each is (esize, ecode, content) with
+        // esize a multiple of 16, and vox_offset moves past them (NIfTI-1 §extensions).
+        let n = bytes.len();
+        bytes[n - 4] = 1;
+        let esize = (8 + content.len()).div_ceil(16) * 16;
+        bytes.extend_from_slice(&(esize as i32).to_le_bytes());
+        bytes.extend_from_slice(&ecode.to_le_bytes());
+        bytes.extend_from_slice(content);
+        bytes.resize(n + esize, 0);
+        let offset = bytes.len();
+        match h.version {
+            NiftiVersion::One => bytes[108..112].copy_from_slice(&(offset as f32).to_le_bytes()),
+            NiftiVersion::Two => bytes[168..176].copy_from_slice(&(offset as i64).to_le_bytes()),
+        }
+    }
     bytes.extend_from_slice(payload);
     if gz {
         let mut c = libdeflater::Compressor::new(
