@@ -37,13 +37,13 @@ pub struct SegmentArgs {
     #[arg(long)]
     text: Vec<String>,
     /// Box i0,j0,k0,i1,j1,k1 (corners inclusive), file voxel indices (or mm with --mm).
-    #[arg(long, value_name = "I0,J0,K0,I1,J1,K1")]
+    #[arg(long, value_name = "I0,J0,K0,I1,J1,K1", allow_hyphen_values = true)]
     r#box: Option<String>,
     /// Positive point i,j,k (repeatable).
-    #[arg(long, value_name = "I,J,K")]
+    #[arg(long, value_name = "I,J,K", allow_hyphen_values = true)]
     point: Vec<String>,
     /// Negative point i,j,k (repeatable).
-    #[arg(long, value_name = "I,J,K")]
+    #[arg(long, value_name = "I,J,K", allow_hyphen_values = true)]
     negative_point: Vec<String>,
     /// Box and point coordinates are world millimetres (through the sform, else the qform).
     #[arg(long)]
@@ -67,7 +67,7 @@ pub struct SegmentArgs {
     #[arg(long)]
     save_logits: Option<PathBuf>,
     /// Run the bundled example: a small CT, generated full-size random weights, "liver".
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["inputs", "model"])]
     demo: bool,
 }
 
@@ -100,7 +100,14 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     };
     if let Output::File(f) = &output {
         check_nifti_name(f)?;
+        if a.text.len() > 255 {
+            return Err(Error::Usage(format!(
+                "{} --text into one --out file: a uint8 label map holds at most 255 labels (use --out-dir)",
+                a.text.len()
+            )));
+        }
     }
+    check_outputs(&inputs, &output, &a)?;
     if !model_dir.exists() {
         return Err(Error::io(
             &model_dir,
@@ -125,6 +132,134 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     write_report(a.json.as_deref(), &reports)
 }
 
+/// Every file this run will write, with what it is (for messages), planned before any work.
+fn planned_outputs(inputs: &[PathBuf], output: &Output, a: &SegmentArgs) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    match output {
+        Output::File(f) => out.push((f.clone(), "--out".to_string())),
+        Output::Dir(d) => {
+            for input in inputs {
+                for (n, name) in dir_names(input, &a.text).into_iter().enumerate() {
+                    let what = match a.text.len() {
+                        0 | 1 => format!("the mask of {}", input.display()),
+                        _ => format!("the mask of {} for --text {:?}", input.display(), a.text[n]),
+                    };
+                    out.push((d.join(name), what));
+                }
+            }
+        }
+    }
+    if let Some(j) = &a.json {
+        out.push((j.clone(), "--json".into()));
+    }
+    if let Some(l) = &a.save_logits {
+        out.push((l.clone(), "--save-logits".into()));
+    }
+    out
+}
+
+/// The file names `--out-dir` gives one input: `<stem>_mask.nii.gz`, or with several texts
+/// `<stem>_<slug of text>.nii.gz` each.
+fn dir_names(input: &Path, texts: &[String]) -> Vec<String> {
+    if texts.len() > 1 {
+        texts
+            .iter()
+            .map(|t| format!("{}_{}.nii.gz", stem(input), slug(t)))
+            .collect()
+    } else {
+        vec![format!("{}_mask.nii.gz", stem(input))]
+    }
+}
+
+/// A path's canonical form and, when it exists, its (device, inode).
+type FileId = (PathBuf, Option<(u64, u64)>);
+
+/// A path's identity for collision checks: the canonical parent joined with the file name (the
+/// file need not exist yet), and the device and inode when it exists (hard links).
+fn identity(p: &Path) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    let parent = match p.parent() {
+        Some(q) if !q.as_os_str().is_empty() => q,
+        _ => Path::new("."),
+    };
+    let canon = match (parent.canonicalize(), p.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => p.to_path_buf(),
+    };
+    let inode = std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    (canon, inode)
+}
+
+fn same_file(a: &FileId, b: &FileId) -> bool {
+    a.0 == b.0 || (a.1.is_some() && a.1 == b.1)
+}
+
+/// Refuses, before the model loads, every output that would overwrite an input or another
+/// output (same canonical path or same inode), and every output whose directory is missing or
+/// is not a directory: a bad output path must never cost a run, or the CT it was run on.
+fn check_outputs(inputs: &[PathBuf], output: &Output, a: &SegmentArgs) -> Result<()> {
+    if let Output::Dir(d) = output {
+        if d.exists() && !d.is_dir() {
+            return Err(Error::Usage(format!(
+                "--out-dir {}: exists and is not a directory",
+                d.display()
+            )));
+        }
+    }
+    let ins: Vec<_> = inputs.iter().map(|p| (p, identity(p))).collect();
+    for (i, (p, ip)) in ins.iter().enumerate() {
+        if let Some((q, _)) = ins[..i].iter().find(|(_, iq)| same_file(ip, iq)) {
+            if matches!(output, Output::Dir(_)) {
+                return Err(Error::Usage(format!(
+                    "input {} is given twice (also as {}): its masks would overwrite each other",
+                    p.display(),
+                    q.display()
+                )));
+            }
+        }
+    }
+    let outs = planned_outputs(inputs, output, a);
+    let mut seen: Vec<(FileId, &str)> = Vec::new();
+    for (path, what) in &outs {
+        let id = identity(path);
+        if let Some((p, _)) = ins.iter().find(|(_, ip)| same_file(&id, ip)) {
+            return Err(Error::Usage(format!(
+                "{what} {}: is the input {} (refusing to overwrite it)",
+                path.display(),
+                p.display()
+            )));
+        }
+        if let Some((_, other)) = seen.iter().find(|(s, _)| same_file(&id, s)) {
+            return Err(Error::Usage(format!(
+                "{what} and {other} would both write {}",
+                path.display()
+            )));
+        }
+        let is_out_dir = matches!(output, Output::Dir(d) if path.parent() == Some(d.as_path()));
+        if !is_out_dir {
+            let parent = match path.parent() {
+                Some(q) if !q.as_os_str().is_empty() => q,
+                _ => Path::new("."),
+            };
+            if !parent.is_dir() {
+                return Err(Error::Usage(format!(
+                    "{what} {}: the directory {} does not exist",
+                    path.display(),
+                    parent.display()
+                )));
+            }
+        }
+        if path.is_dir() {
+            return Err(Error::Usage(format!(
+                "{what} {}: is a directory",
+                path.display()
+            )));
+        }
+        seen.push((id, what.as_str()));
+    }
+    Ok(())
+}
+
 fn options(a: &SegmentArgs) -> Result<Options> {
     pipeline::plan::check_batch(a.batch)?;
     Ok(Options {
@@ -135,8 +270,7 @@ fn options(a: &SegmentArgs) -> Result<Options> {
 }
 
 fn check_nifti_name(p: &Path) -> Result<()> {
-    let name = p.to_string_lossy();
-    if name.ends_with(".nii.gz") || name.ends_with(".nii") {
+    if is_nifti_name(p) {
         Ok(())
     } else {
         Err(Error::Usage(format!(
@@ -157,10 +291,7 @@ fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let mut found: Vec<PathBuf> = std::fs::read_dir(p)
                 .map_err(|e| Error::io(p, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| {
-                    let n = f.to_string_lossy();
-                    f.is_file() && (n.ends_with(".nii") || n.ends_with(".nii.gz"))
-                })
+                .filter(|f| f.is_file() && is_nifti_name(f))
                 .collect();
             if found.is_empty() {
                 return Err(Error::Input(format!(
@@ -322,23 +453,37 @@ fn progress_line(label: String) -> impl FnMut(usize, usize) {
     }
 }
 
+/// The file name without `.nii` / `.nii.gz` (in any case).
 fn stem(p: &Path) -> String {
     let n = p
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    n.trim_end_matches(".gz")
-        .trim_end_matches(".nii")
-        .to_string()
+    let lower = n.to_ascii_lowercase();
+    let cut = [".nii.gz", ".nii"]
+        .iter()
+        .find(|e| lower.ends_with(*e))
+        .map_or(0, |e| e.len());
+    n[..n.len() - cut].to_string()
 }
 
+/// A NIfTI file name, by its extension in any case (`.nii`, `.nii.gz`, `.NII.GZ`).
+fn is_nifti_name(p: &Path) -> bool {
+    let n = p.to_string_lossy().to_ascii_lowercase();
+    n.ends_with(".nii") || n.ends_with(".nii.gz")
+}
+
+/// A text as a file-name part: letters and digits of any script, lower-cased; everything else
+/// (spaces, separators, punctuation) becomes `_`. Distinct names stay distinct unless they
+/// differ only in case or punctuation, which `check_outputs` refuses as a collision.
 fn slug(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
+    s.trim()
+        .chars()
+        .flat_map(|c| {
+            if c.is_alphanumeric() {
+                c.to_lowercase().collect::<Vec<_>>()
             } else {
-                '_'
+                vec!['_']
             }
         })
         .collect()
@@ -415,22 +560,18 @@ fn write_outputs(
 ) -> Result<Vec<PathBuf>> {
     match output {
         Output::File(f) => {
-            let mask = if out.prompts.len() == 1 {
-                out.mask(0)
+            if out.prompts.len() == 1 {
+                nifti::write_mask(f, vol, &out.mask(0))?;
             } else {
-                out.label_map()
-            };
-            nifti::write_mask(f, vol, &mask)?;
+                nifti::write_label_map(f, vol, &out.label_map(), &label_names(prompts))?;
+            }
             Ok(vec![f.clone()])
         }
         Output::Dir(d) => {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             let mut files = Vec::new();
-            for (i, p) in prompts.iter().enumerate() {
-                let name = match (&p.text, prompts.len()) {
-                    (Some(t), n) if n > 1 => format!("{}_{}.nii.gz", stem(&vol.path), slug(t)),
-                    _ => format!("{}_mask.nii.gz", stem(&vol.path)),
-                };
+            let texts: Vec<String> = prompts.iter().filter_map(|p| p.text.clone()).collect();
+            for (i, name) in dir_names(&vol.path, &texts).into_iter().enumerate() {
                 let f = d.join(name);
                 nifti::write_mask(&f, vol, &out.mask(i))?;
                 files.push(f);
@@ -438,6 +579,19 @@ fn write_outputs(
             Ok(files)
         }
     }
+}
+
+/// The name of each label of a label map (value n = prompt n-1): the text, or "prompt n".
+fn label_names(prompts: &[UserPrompt]) -> Vec<String> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            p.text
+                .clone()
+                .unwrap_or_else(|| format!("prompt {}", i + 1))
+        })
+        .collect()
 }
 
 fn save_logits(path: &Path, out: &VolumeOutcome) -> Result<()> {
@@ -500,6 +654,18 @@ fn report(
     let zoom_out: f64 =
         out.zoom_out_encode_seconds + out.prompts.iter().map(|p| p.zoom_out_seconds).sum::<f64>();
     let zoom_in: f64 = out.prompts.iter().map(|p| p.zoom_in_seconds).sum();
+    // The values of a label map (several prompts into one --out file), as in its header extension.
+    let labels = if out.prompts.len() > 1 {
+        let names: Vec<UserPrompt> = out.prompts.iter().map(|p| p.prompt.clone()).collect();
+        let map: serde_json::Map<String, serde_json::Value> = label_names(&names)
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| ((i + 1).to_string(), json!(n)))
+            .collect();
+        serde_json::Value::Object(map)
+    } else {
+        serde_json::Value::Null
+    };
     json!({
         "input": vol.path,
         "outputs": files,
@@ -512,6 +678,7 @@ fn report(
             "mean_above": out.norm.stats.mean, "std_above": out.norm.stats.std,
         },
         "window_batch": out.batch,
+        "labels": labels,
         "prompts": prompts,
         "seconds": {"read": vol.read_seconds, "preprocess": out.preprocess_seconds, "zoom_out": zoom_out, "zoom_in": zoom_in, "write": write_s, "total": total_s},
     })
