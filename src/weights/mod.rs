@@ -498,6 +498,29 @@ impl WeightStore {
             })
             .collect::<Result<_>>()?;
         drop(chosen);
+        // Non-finite weights give NaN logits and an empty mask that looks like success: refuse
+        // them here, naming the tensor and the first bad element. Huge finite values (1e38) are
+        // left to the finite-logits check of every model call, which sees whether they overflow.
+        let nonfinite = entries
+            .par_iter()
+            .filter_map(|e| {
+                let v: &[f32] = match &e.data {
+                    Data::Owned(v) => v,
+                    Data::Mapped { offset, len } => {
+                        bytemuck::cast_slice(&map[*offset..offset + len * 4])
+                    }
+                };
+                v.iter()
+                    .position(|x| !x.is_finite())
+                    .map(|i| (e.key.clone(), i, v[i]))
+            })
+            .find_first(|_| true);
+        if let Some((key, i, v)) = nonfinite {
+            return Err(Error::format(
+                path,
+                format!("tensor `{key}` holds a non-finite value ({v}) at element {i}"),
+            ));
+        }
         let index = entries
             .iter()
             .enumerate()
@@ -802,10 +825,12 @@ pub fn open_model_dir(dir: &Path) -> Result<(ModelConfig, WeightStore)> {
         };
         (parent.join("config.json"), dir.to_path_buf())
     };
-    let cfg = if config_path.is_file() {
-        ModelConfig::from_file(&config_path)?
-    } else {
-        ModelConfig::full()
+    // A `config.json` that exists but is not a file (a directory, a fifo) is an error, never
+    // silently the released architecture.
+    let cfg = match std::fs::metadata(&config_path) {
+        Ok(_) => ModelConfig::from_file(&config_path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ModelConfig::full(),
+        Err(e) => return Err(Error::io(&config_path, e)),
     };
     let store = WeightStore::open(&weights, &cfg)?;
     Ok((cfg, store))
