@@ -797,6 +797,56 @@ mod tests {
     }
 
     #[test]
+    fn dup_and_memo_share_bytes_instead_of_copying() {
+        // A 1 MiB bytes object, memoised, then DUP and BINGET many times: every copy must be the
+        // same allocation (a deep copy each would make this pickle demand gigabytes).
+        let mut p = vec![0x80, 2, b'('];
+        p.push(b'B');
+        p.extend((1u32 << 20).to_le_bytes());
+        p.extend(vec![7u8; 1 << 20]);
+        p.extend(b"q\x00");
+        for _ in 0..1000 {
+            p.extend(b"2h\x00");
+        }
+        p.extend(b"l.");
+        let Value::List(l) = load(&p).unwrap() else {
+            panic!("not a list")
+        };
+        let l = l.borrow();
+        assert_eq!(l.items.len(), 2001);
+        let Value::Bytes(first) = &l.items[0] else {
+            panic!("not bytes")
+        };
+        for v in &l.items {
+            let Value::Bytes(b) = v else { panic!("not bytes") };
+            assert!(Rc::ptr_eq(b, first));
+        }
+    }
+
+    #[test]
+    fn object_count_is_capped_with_the_limit_named() {
+        let mut p = vec![0x80, 2];
+        for _ in 0..=MAX_OBJECTS {
+            p.extend(b"N0");
+        }
+        p.extend(b"N.");
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.contains("more than 10000000 objects (limit)"), "{err}");
+    }
+
+    #[test]
+    fn memo_size_is_capped_with_the_limit_named() {
+        let mut p = vec![0x80, 2, b'N'];
+        for i in 0..=MAX_MEMO as u32 {
+            p.push(b'r');
+            p.extend(i.to_le_bytes());
+        }
+        p.push(b'.');
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.contains("memo entries (limit)"), "{err}");
+    }
+
+    #[test]
     fn reads_a_state_dict() {
         let v = load(&sample()).unwrap();
         let Value::Dict(d) = v else {
