@@ -167,3 +167,49 @@ fn a_tokenizer_id_outside_the_vocabulary_is_refused_at_load() {
     assert!(msg.contains("tokenizer.json"), "{msg}");
     assert!(msg.contains("60000"), "{msg}");
 }
+
+// ----- item 13: a checkpoint truncated while mapped -----
+
+/// Set in the child process of `truncating_a_mapped_checkpoint_names_the_file`.
+const SIGBUS_CHILD: &str = "SEGVOL_TEST_SIGBUS_CHILD";
+
+/// The child half: maps the checkpoint, truncates the file, then reads every tensor. Does
+/// nothing unless run as that child.
+#[test]
+fn sigbus_child() {
+    let Some(file) = std::env::var_os(SIGBUS_CHILD) else {
+        return;
+    };
+    let file = PathBuf::from(file);
+    let store = segvol::weights::WeightStore::open(&file, &segvol::ModelConfig::tiny()).unwrap();
+    assert!(store.is_mapped("image_encoder.norm.weight"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let sum: f64 = store
+        .iter()
+        .map(|(_, _, v)| v.iter().map(|&x| x as f64).sum::<f64>())
+        .sum();
+    // Unreachable: the first read of a page past the new end of the file raises SIGBUS.
+    println!("read {sum} from a truncated file");
+}
+
+#[test]
+fn truncating_a_mapped_checkpoint_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.safetensors");
+    std::fs::copy(tiny_model().join("model.safetensors"), &file).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "sigbus_child", "--nocapture", "--test-threads=1"])
+        .env(SIGBUS_CHILD, &file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("SIGBUS"), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+}
