@@ -209,7 +209,10 @@ impl ModelConfig {
         }
         // A configuration is a few hundred bytes; refuse anything huge before reading it.
         if meta.len() > 1 << 20 {
-            return Err(Error::config(path, "is larger than 1 MiB; not a config.json"));
+            return Err(Error::config(
+                path,
+                "is larger than 1 MiB; not a config.json",
+            ));
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let value: Value = serde_json::from_str(&text)
@@ -364,14 +367,14 @@ impl ModelConfig {
             ("architecture.text.heads", t.heads),
             ("architecture.text.intermediate", t.intermediate),
         ];
-        for (name, v) in fields
-            .into_iter()
-            .chain([
-                ("architecture.text.max_positions", t.max_positions),
-                ("architecture.decoder.attention_downsample", d.attention_downsample),
-                ("architecture.decoder.dim", d.dim),
-            ])
-        {
+        for (name, v) in fields.into_iter().chain([
+            ("architecture.text.max_positions", t.max_positions),
+            (
+                "architecture.decoder.attention_downsample",
+                d.attention_downsample,
+            ),
+            ("architecture.decoder.dim", d.dim),
+        ]) {
             let max = limit_of(name);
             if v == 0 || v > max {
                 return Err(format!("field `{name}` is {v}; it must be in 1..={max}"));
@@ -557,7 +560,10 @@ mod tests {
             let msg = ModelConfig::from_json(&j, Path::new("c.json"))
                 .unwrap_err()
                 .to_string();
-            assert!(msg.contains(&format!("architecture.{section}.{key}")), "{msg}");
+            assert!(
+                msg.contains(&format!("architecture.{section}.{key}")),
+                "{msg}"
+            );
             assert!(msg.contains(&v.to_string()), "{msg}");
         }
         let mut j = ModelConfig::tiny().to_json(None);

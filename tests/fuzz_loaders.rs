@@ -19,10 +19,15 @@ fn tiny_model() -> PathBuf {
 fn file(name: &str) -> &'static [u8] {
     static FILES: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
     let files = FILES.get_or_init(|| {
-        ["model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.json"]
-            .iter()
-            .map(|n| (n.to_string(), std::fs::read(tiny_model().join(n)).unwrap()))
-            .collect()
+        [
+            "model.safetensors",
+            "pytorch_model.bin",
+            "config.json",
+            "tokenizer.json",
+        ]
+        .iter()
+        .map(|n| (n.to_string(), std::fs::read(tiny_model().join(n)).unwrap()))
+        .collect()
     });
     &files.iter().find(|(n, _)| n == name).unwrap().1
 }

@@ -213,3 +213,30 @@ fn truncating_a_mapped_checkpoint_names_the_file() {
     assert!(err.contains(&file.display().to_string()), "{err}");
     assert!(err.contains("truncated"), "{err}");
 }
+
+// ----- item 7: the pickle's size is capped before it is read -----
+
+#[test]
+fn a_huge_data_pkl_is_refused_with_the_limit_named() {
+    let mut bin = std::fs::read(tiny_model().join("pytorch_model.bin")).unwrap();
+    let name = b"pytorch_model/data.pkl";
+    // The central-directory record of data.pkl: sizes at +20 (compressed) and +24.
+    let at = bin
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| *w == b"PK\x01\x02")
+        .map(|(i, _)| i)
+        .find(|&i| bin[i + 46..].starts_with(name))
+        .unwrap();
+    let huge = (100u32 << 20).to_le_bytes();
+    bin[at + 20..at + 24].copy_from_slice(&huge);
+    bin[at + 24..at + 28].copy_from_slice(&huge);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("pytorch_model.bin");
+    std::fs::write(&path, &bin).unwrap();
+    let msg = segvol::weights::WeightStore::open(&path, &segvol::ModelConfig::tiny())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("data.pkl"), "{msg}");
+    assert!(msg.contains("67108864 (limit)"), "{msg}");
+}

@@ -818,7 +818,9 @@ mod tests {
             panic!("not bytes")
         };
         for v in &l.items {
-            let Value::Bytes(b) = v else { panic!("not bytes") };
+            let Value::Bytes(b) = v else {
+                panic!("not bytes")
+            };
             assert!(Rc::ptr_eq(b, first));
         }
     }
