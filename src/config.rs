@@ -380,8 +380,7 @@ impl ModelConfig {
                 return Err(format!("field `{name}` is {v}; it must be in 1..={max}"));
             }
         }
-        let voxels = self
-            .spatial_size
+        self.spatial_size
             .iter()
             .try_fold(1usize, |n, &x| n.checked_mul(x))
             .filter(|&n| n <= MAX_WINDOW_VOXELS)
@@ -391,7 +390,6 @@ impl ModelConfig {
                     self.spatial_size
                 )
             })?;
-        let _ = voxels;
         if self.text_template.len() > MAX_TEMPLATE_BYTES {
             return Err(format!(
                 "architecture.text_template is longer than {MAX_TEMPLATE_BYTES} bytes"
