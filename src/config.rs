@@ -52,6 +52,45 @@ pub struct ModelConfig {
     pub text_template: String,
 }
 
+/// Upper bounds of the architecture fields (`config.json`), checked before anything is built:
+/// generous multiples of the released model (spec §0) that keep every derived size (schema,
+/// weights, activations) far from overflow. Not configurable: a checkpoint beyond them is not a
+/// SegVol variant this engine targets. Spatial and patch sizes must also divide (window / patch),
+/// heads must divide their width, and a window holds at most [`MAX_WINDOW_VOXELS`] voxels.
+pub const LIMITS: [(&str, usize); 8] = [
+    ("spatial_size", 1024),
+    ("patch_size", 256),
+    ("hidden", 8192),
+    ("layers", 64),
+    ("heads", 256),
+    ("mlp", 65536),
+    ("vocab", 1_000_000),
+    ("max_positions", 4096),
+];
+
+/// At most this many voxels per model window (the released window holds 2,097,152).
+pub const MAX_WINDOW_VOXELS: usize = 1 << 25;
+
+/// The longest accepted prompt template.
+pub const MAX_TEMPLATE_BYTES: usize = 1024;
+
+/// The bound of a field, by the last word of its name (see [`LIMITS`]).
+fn limit_of(name: &str) -> usize {
+    let key = match name.rsplit('.').next().unwrap_or(name) {
+        n if n.starts_with("spatial_size") => "spatial_size",
+        n if n.starts_with("patch_size") => "patch_size",
+        "dim" | "hidden" | "iou_hidden" => "hidden",
+        "layers" | "depth" => "layers",
+        "heads" | "mask_tokens" | "attention_downsample" => "heads",
+        "mlp" | "intermediate" => "mlp",
+        other => other,
+    };
+    LIMITS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map_or(usize::MAX, |&(_, v)| v)
+}
+
 pub const DEFAULT_TEMPLATE: &str = "A computerized tomography of a {}.";
 
 impl ModelConfig {
@@ -164,6 +203,17 @@ impl ModelConfig {
 
     /// Reads `config.json` of a model directory (or a standalone config file).
     pub fn from_file(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::config(path, "is not a regular file"));
+        }
+        // A configuration is a few hundred bytes; refuse anything huge before reading it.
+        if meta.len() > 1 << 20 {
+            return Err(Error::config(
+                path,
+                "is larger than 1 MiB; not a config.json",
+            ));
+        }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
@@ -236,6 +286,7 @@ impl ModelConfig {
 
     /// Checks the relations between fields that the model relies on.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.check_bounds()?;
         for a in 0..3 {
             if self.patch_size[a] == 0 || !self.spatial_size[a].is_multiple_of(self.patch_size[a]) {
                 return Err(format!(
@@ -284,6 +335,65 @@ impl ModelConfig {
         }
         if !self.text_template.contains("{}") {
             return Err("architecture.text_template must contain `{}`".into());
+        }
+        Ok(())
+    }
+
+    /// Refuses values outside [`LIMITS`] before any size is derived from them, so a hostile
+    /// `config.json` cannot make the schema, the generator or the planner allocate without limit.
+    fn check_bounds(&self) -> std::result::Result<(), String> {
+        let e = &self.encoder;
+        let d = &self.decoder;
+        let t = &self.text;
+        let fields: [(&str, usize); 20] = [
+            ("spatial_size[0]", self.spatial_size[0]),
+            ("spatial_size[1]", self.spatial_size[1]),
+            ("spatial_size[2]", self.spatial_size[2]),
+            ("patch_size[0]", self.patch_size[0]),
+            ("patch_size[1]", self.patch_size[1]),
+            ("patch_size[2]", self.patch_size[2]),
+            ("architecture.encoder.hidden", e.hidden),
+            ("architecture.encoder.layers", e.layers),
+            ("architecture.encoder.heads", e.heads),
+            ("architecture.encoder.mlp", e.mlp),
+            ("architecture.decoder.depth", d.depth),
+            ("architecture.decoder.heads", d.heads),
+            ("architecture.decoder.mlp", d.mlp),
+            ("architecture.decoder.mask_tokens", d.mask_tokens),
+            ("architecture.decoder.iou_hidden", d.iou_hidden),
+            ("architecture.text.vocab", t.vocab),
+            ("architecture.text.hidden", t.hidden),
+            ("architecture.text.layers", t.layers),
+            ("architecture.text.heads", t.heads),
+            ("architecture.text.intermediate", t.intermediate),
+        ];
+        for (name, v) in fields.into_iter().chain([
+            ("architecture.text.max_positions", t.max_positions),
+            (
+                "architecture.decoder.attention_downsample",
+                d.attention_downsample,
+            ),
+            ("architecture.decoder.dim", d.dim),
+        ]) {
+            let max = limit_of(name);
+            if v == 0 || v > max {
+                return Err(format!("field `{name}` is {v}; it must be in 1..={max}"));
+            }
+        }
+        self.spatial_size
+            .iter()
+            .try_fold(1usize, |n, &x| n.checked_mul(x))
+            .filter(|&n| n <= MAX_WINDOW_VOXELS)
+            .ok_or_else(|| {
+                format!(
+                    "spatial_size {:?} is more than {MAX_WINDOW_VOXELS} voxels per window",
+                    self.spatial_size
+                )
+            })?;
+        if self.text_template.len() > MAX_TEMPLATE_BYTES {
+            return Err(format!(
+                "architecture.text_template is longer than {MAX_TEMPLATE_BYTES} bytes"
+            ));
         }
         Ok(())
     }
@@ -433,6 +543,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("spatial_size"), "{msg}");
+    }
+
+    #[test]
+    fn huge_or_zero_fields_are_refused() {
+        for (section, key, v) in [
+            ("encoder", "layers", 1_000_000_000u64),
+            ("text", "vocab", 1u64 << 40),
+            ("decoder", "depth", 65),
+            ("text", "max_positions", 100_000),
+        ] {
+            let mut j = ModelConfig::tiny().to_json(None);
+            j["architecture"][section][key] = json!(v);
+            let msg = ModelConfig::from_json(&j, Path::new("c.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(&format!("architecture.{section}.{key}")),
+                "{msg}"
+            );
+            assert!(msg.contains(&v.to_string()), "{msg}");
+        }
+        let mut j = ModelConfig::tiny().to_json(None);
+        j["spatial_size"] = json!([1024, 1024, 1024]);
+        let msg = ModelConfig::from_json(&j, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("voxels per window"), "{msg}");
+    }
+
+    #[test]
+    fn a_directory_is_not_a_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let msg = ModelConfig::from_file(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("not a regular file"), "{msg}");
     }
 
     #[test]

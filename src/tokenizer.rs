@@ -64,6 +64,30 @@ impl TextTokenizer {
         })
     }
 
+    /// Checks that every id of the tokenizer's vocabulary (added tokens included) is below
+    /// `vocab`, the text model's embedding rows: an id beyond it would index past the table.
+    pub fn check_vocab(&self, vocab: usize) -> Result<()> {
+        let bad = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .filter(|(_, id)| *id as usize >= vocab)
+            .max_by_key(|(_, id)| *id);
+        if let Some((token, id)) = bad {
+            let mut token = token;
+            if token.chars().count() > 40 {
+                token = token.chars().take(40).collect::<String>() + "…";
+            }
+            return Err(Error::format(
+                &self.source,
+                format!(
+                    "token {token:?} has id {id}, outside the text model's vocabulary of {vocab} (architecture.text.vocab)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Tokenises the template filled with `category` (verbatim, as the official code does).
     pub fn encode(&self, category: &str) -> Result<Tokens> {
         if category.trim().is_empty() {
@@ -120,6 +144,15 @@ mod tests {
             &t.encode("kidney tumor").unwrap().ids[8..],
             [320, 14610, 22616, 269, 49407]
         );
+    }
+
+    #[test]
+    fn ids_beyond_the_vocabulary_are_refused() {
+        let t = tok();
+        t.check_vocab(49408).unwrap();
+        let msg = t.check_vocab(49407).unwrap_err().to_string();
+        assert!(msg.contains("id 49407"), "{msg}");
+        assert!(msg.contains("vocabulary of 49407"), "{msg}");
     }
 
     #[test]

@@ -301,6 +301,8 @@ impl SegVol {
         tokenizer: TextTokenizer,
         backend: Arc<dyn Backend>,
     ) -> Result<Self> {
+        // Every id the tokenizer can produce must index the token embedding (spec §3).
+        tokenizer.check_vocab(cfg.text.vocab)?;
         let prompts = PromptEncoder::new(&cfg, host.as_ref())?;
         let dense_pe = prompts.dense_pe();
         // The CLIP tower runs in f32 whatever the storage dtype: it costs ~1 GFLOP once per
@@ -832,6 +834,19 @@ impl SegVol {
             self.decode(emb.addr(0), std::slice::from_ref(prompt), logits.addr())?;
         }
         let v = self.download_f32(logits.addr(), cfg.window_voxels(), DType::F32)?;
+        // Finite weights (checked at load) and a finite window must give finite logits; else
+        // the model overflowed f32 or the device failed, and the mask would be silently empty.
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            if image.iter().all(|x| x.is_finite()) {
+                return Err(Error::device(
+                    self.backend.name(),
+                    format!(
+                        "the model call returned non-finite logits ({} at element {i}): the model overflowed f32 (weights too large?) or the device failed",
+                        v[i]
+                    ),
+                ));
+            }
+        }
         Ok(CallOutput {
             logits: HostTensor::new(vec![1, 1, d, h, w], v),
             stages: out_stages,

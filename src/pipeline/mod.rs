@@ -468,6 +468,7 @@ impl Ctx<'_> {
                 self.at(Buf::WindowLogits),
                 bytemuck::cast_slice_mut(&mut zoom_out_logits),
             )?;
+            check_finite(b, &zoom_out_logits, "zoom-out", p)?;
             preprocess::resize_on_device(
                 b,
                 self.at(Buf::WindowLogits),
@@ -505,6 +506,9 @@ impl Ctx<'_> {
             b.download(self.at(Buf::Global), bytemuck::cast_slice_mut(&mut logits))?;
             b.download(self.at(Buf::Mask), &mut mask)?;
         }
+        // The zoom-in windows' logits are blended into these inside the ROI, the only place
+        // they count.
+        check_finite(b, &logits, "zoom-in", p)?;
         let voxels = mask.iter().filter(|&&m| m != 0).count();
         Ok(PromptOutcome {
             prompt: p.clone(),
@@ -669,4 +673,25 @@ impl Ctx<'_> {
         }
         Ok(records)
     }
+}
+
+/// Refuses non-finite logits: the weights were checked finite at load and the input volume is
+/// finite after normalisation, so NaN or infinity here means the model overflowed f32 (huge
+/// weights) or the device failed; either way the mask would be silently empty. Exit 1.
+fn check_finite(b: &dyn Backend, logits: &[f32], stage: &str, p: &UserPrompt) -> Result<()> {
+    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        let mut what = p.text.clone().unwrap_or_else(|| "box/points".into());
+        if what.chars().count() > 40 {
+            what = what.chars().take(40).collect::<String>() + "…";
+        }
+        return Err(Error::device(
+            b.name(),
+            format!(
+                "the {stage} logits of prompt {what:?} are not finite ({} at element {i}): \
+                 the model overflowed f32 (weights too large?) or the device failed",
+                logits[i]
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -26,6 +26,64 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A SIGBUS handler that names the memory-mapped checkpoints. Reading a mapped page past the
+/// end of a file that was truncated after it was opened raises SIGBUS, which would otherwise
+/// kill the process with no message. The handler writes one prepared line with write(2) and
+/// leaves with `_exit(1)` (both async-signal-safe); nothing is allocated in the handler.
+mod sigbus {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicPtr, Ordering};
+    use std::sync::{Mutex, Once};
+
+    /// The message, replaced (and the old one leaked: the handler may be reading it) whenever
+    /// another file is mapped. A few bytes per opened checkpoint.
+    static MESSAGE: AtomicPtr<&'static [u8]> = AtomicPtr::new(std::ptr::null_mut());
+    static PATHS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static INSTALL: Once = Once::new();
+
+    /// At most this many file names in the message (the latest ones).
+    const MAX_NAMED: usize = 4;
+
+    extern "C" fn on_sigbus(_sig: libc::c_int) {
+        let msg = MESSAGE.load(Ordering::Acquire);
+        if !msg.is_null() {
+            // SAFETY: `msg` points to a leaked, never-freed slice; write(2) and _exit(2) are
+            // async-signal-safe.
+            unsafe {
+                let m: &[u8] = *msg;
+                libc::write(2, m.as_ptr().cast(), m.len());
+            }
+        }
+        unsafe { libc::_exit(1) }
+    }
+
+    /// Adds `path` to the files the SIGBUS message names and installs the handler once.
+    pub(super) fn watch(path: &Path) {
+        let name = path.display().to_string();
+        let Ok(mut paths) = PATHS.lock() else { return };
+        paths.retain(|p| *p != name);
+        paths.push(name);
+        if paths.len() > MAX_NAMED {
+            paths.remove(0);
+        }
+        let msg = format!(
+            "segvol: bus error (SIGBUS) reading the memory-mapped checkpoint {}: the file was truncated or replaced while segvol was using it\n",
+            paths.join(", ")
+        );
+        let leaked: &'static [u8] = Box::leak(msg.into_bytes().into_boxed_slice());
+        MESSAGE.store(Box::into_raw(Box::new(leaked)), Ordering::Release);
+        INSTALL.call_once(|| {
+            // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as usize;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+            }
+        });
+    }
+}
+
 /// Element type of a tensor as stored in the checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SourceDType {
@@ -357,6 +415,9 @@ impl WeightStore {
         // SAFETY: the map is read-only and private to this store; like every memory-mapped
         // loader, it assumes the checkpoint is not modified while it is open.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // If the file shrinks while mapped, reading it raises SIGBUS: say which file, not just
+        // "Bus error".
+        sigbus::watch(path);
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
@@ -498,6 +559,29 @@ impl WeightStore {
             })
             .collect::<Result<_>>()?;
         drop(chosen);
+        // Non-finite weights give NaN logits and an empty mask that looks like success: refuse
+        // them here, naming the tensor and the first bad element. Huge finite values (1e38) are
+        // left to the finite-logits check of every model call, which sees whether they overflow.
+        let nonfinite = entries
+            .par_iter()
+            .filter_map(|e| {
+                let v: &[f32] = match &e.data {
+                    Data::Owned(v) => v,
+                    Data::Mapped { offset, len } => {
+                        bytemuck::cast_slice(&map[*offset..offset + len * 4])
+                    }
+                };
+                v.iter()
+                    .position(|x| !x.is_finite())
+                    .map(|i| (e.key.clone(), i, v[i]))
+            })
+            .find_first(|_| true);
+        if let Some((key, i, v)) = nonfinite {
+            return Err(Error::format(
+                path,
+                format!("tensor `{key}` holds a non-finite value ({v}) at element {i}"),
+            ));
+        }
         let index = entries
             .iter()
             .enumerate()
@@ -802,10 +886,12 @@ pub fn open_model_dir(dir: &Path) -> Result<(ModelConfig, WeightStore)> {
         };
         (parent.join("config.json"), dir.to_path_buf())
     };
-    let cfg = if config_path.is_file() {
-        ModelConfig::from_file(&config_path)?
-    } else {
-        ModelConfig::full()
+    // A `config.json` that exists but is not a file (a directory, a fifo) is an error, never
+    // silently the released architecture.
+    let cfg = match std::fs::metadata(&config_path) {
+        Ok(_) => ModelConfig::from_file(&config_path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ModelConfig::full(),
+        Err(e) => return Err(Error::io(&config_path, e)),
     };
     let store = WeightStore::open(&weights, &cfg)?;
     Ok((cfg, store))

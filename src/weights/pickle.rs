@@ -82,8 +82,10 @@ pub enum Value {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
+    /// Strings and bytes are shared, not copied, by DUP and the memo (a few bytes of pickle
+    /// must not demand a copy of a large string each).
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
     Tuple(Rc<Items<Value>>),
     List(Rc<RefCell<Items<Value>>>),
     Dict(Dict),
@@ -155,10 +157,19 @@ struct Vm<'a> {
     op_pos: usize,
     stack: Vec<Item>,
     memo: std::collections::HashMap<u32, Value>,
+    /// Values pushed so far (bounded by [`MAX_OBJECTS`]).
+    objects: usize,
 }
 
 /// Guards against hostile inputs: the stack cannot exceed this many items.
 const MAX_STACK: usize = 1 << 22;
+
+/// At most this many values pushed in one pickle (a state dict of the released model pushes
+/// about 10,000; a training checkpoint with optimizer state about 100,000).
+pub const MAX_OBJECTS: usize = 10_000_000;
+
+/// At most this many memo entries (PUT / MEMOIZE).
+pub const MAX_MEMO: usize = 1_000_000;
 
 /// Runs the pickle in `data` and returns the value left by STOP.
 pub fn load(data: &[u8]) -> Result<Value, PickleError> {
@@ -168,6 +179,7 @@ pub fn load(data: &[u8]) -> Result<Value, PickleError> {
         op_pos: 0,
         stack: Vec::new(),
         memo: Default::default(),
+        objects: 0,
     };
     vm.run()
 }
@@ -231,9 +243,9 @@ impl<'a> Vm<'a> {
         self.take(n)
     }
 
-    fn utf8(&self, b: &[u8]) -> Result<String, PickleError> {
+    fn utf8(&self, b: &[u8]) -> Result<Rc<str>, PickleError> {
         match std::str::from_utf8(b) {
-            Ok(s) => Ok(s.to_string()),
+            Ok(s) => Ok(Rc::from(s)),
             Err(_) => self.err("string is not valid UTF-8"),
         }
     }
@@ -241,6 +253,10 @@ impl<'a> Vm<'a> {
     fn push(&mut self, v: Value) -> Result<(), PickleError> {
         if self.stack.len() >= MAX_STACK {
             return self.err("pickle stack too deep");
+        }
+        self.objects += 1;
+        if self.objects > MAX_OBJECTS {
+            return self.err(format!("more than {MAX_OBJECTS} objects (limit)"));
         }
         self.stack.push(Item::V(v));
         Ok(())
@@ -289,6 +305,9 @@ impl<'a> Vm<'a> {
 
     fn memo_put(&mut self, idx: u32) -> Result<(), PickleError> {
         let v = self.top()?.clone();
+        if self.memo.len() >= MAX_MEMO && !self.memo.contains_key(&idx) {
+            return self.err(format!("more than {MAX_MEMO} memo entries (limit)"));
+        }
         self.memo.insert(idx, v);
         Ok(())
     }
@@ -377,7 +396,7 @@ impl<'a> Vm<'a> {
         };
         let t = &t.items;
         match t.first() {
-            Some(Value::Str(s)) if s == "storage" => {}
+            Some(Value::Str(s)) if &**s == "storage" => {}
             _ => return self.err("persistent id is not a ('storage', ...) tuple"),
         }
         if t.len() < 5 {
@@ -388,7 +407,7 @@ impl<'a> Vm<'a> {
             other => return self.err(format!("storage type is {}", other.kind())),
         };
         let key = match &t[2] {
-            Value::Str(s) => s.clone(),
+            Value::Str(s) => s.to_string(),
             other => return self.err(format!("storage key is {}", other.kind())),
         };
         let numel = self.int_arg(&t[4], "storage size")?;
@@ -422,8 +441,9 @@ impl<'a> Vm<'a> {
     /// REDUCE / NEWOBJ: call `func(*args)` for the callables we know; anything else becomes an
     /// opaque object.
     fn call(&self, func: Value, args: Value) -> Result<Value, PickleError> {
-        let args: Vec<Value> = match args {
-            Value::Tuple(t) => t.items.clone(),
+        // Borrowed, not copied: a memoised tuple of many items may be called many times.
+        let args: Rc<Items<Value>> = match args {
+            Value::Tuple(t) => t,
             other => {
                 return self.err(format!(
                     "call arguments are {}, expected a tuple",
@@ -431,6 +451,7 @@ impl<'a> Vm<'a> {
                 ))
             }
         };
+        let args: &[Value] = &args.items;
         let Value::Global(module, name) = &func else {
             return Ok(Value::Opaque(format!("call of {}", func.kind())));
         };
@@ -439,7 +460,7 @@ impl<'a> Vm<'a> {
                 Ok(Value::Dict(Rc::default()))
             }
             ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
-                self.rebuild_tensor(&args)
+                self.rebuild_tensor(args)
             }
             ("torch._utils", "_rebuild_parameter")
             | ("torch._utils", "_rebuild_parameter_with_state") => match args.first() {
@@ -559,8 +580,8 @@ impl<'a> Vm<'a> {
                 }
                 // UNICODE (raw-unicode-escape text; ASCII in practice)
                 b'V' => {
-                    let s = self.line()?.to_string();
-                    self.push(Value::Str(s))?
+                    let s = self.line()?;
+                    self.push(Value::Str(Rc::from(s)))?
                 }
                 // BINSTRING, SHORT_BINSTRING (Python 2 str): treated as latin-1 text.
                 b'T' | b'U' => {
@@ -570,7 +591,7 @@ impl<'a> Vm<'a> {
                         self.u8()? as u64
                     };
                     let b = self.len_prefixed(n)?;
-                    self.push(Value::Str(b.iter().map(|&c| c as char).collect()))?
+                    self.push(Value::Str(b.iter().map(|&c| c as char).collect::<String>().into()))?
                 }
                 // STRING: a quoted repr.
                 b'S' => {
@@ -580,7 +601,7 @@ impl<'a> Vm<'a> {
                         .and_then(|s| s.strip_suffix('\''))
                         .or_else(|| s.strip_prefix('"').and_then(|s| s.strip_suffix('"')));
                     match inner {
-                        Some(i) => self.push(Value::Str(i.to_string()))?,
+                        Some(i) => self.push(Value::Str(Rc::from(i)))?,
                         None => return self.err("STRING argument is not quoted"),
                     }
                 }
@@ -591,8 +612,8 @@ impl<'a> Vm<'a> {
                         b'C' => self.u8()? as u64,
                         _ => self.u64()?,
                     };
-                    let b = self.len_prefixed(n)?.to_vec();
-                    self.push(Value::Bytes(b))?
+                    let b = self.len_prefixed(n)?;
+                    self.push(Value::Bytes(Rc::from(b)))?
                 }
                 b')' => {
                     let t = self.tuple(Vec::new())?;
@@ -714,7 +735,9 @@ impl<'a> Vm<'a> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.push(Value::Global(m, n))?,
+                        (Value::Str(m), Value::Str(n)) => {
+                            self.push(Value::Global(m.to_string(), n.to_string()))?
+                        },
                         _ => return self.err("STACK_GLOBAL needs two strings"),
                     }
                 }
@@ -771,6 +794,58 @@ mod tests {
         p.extend(b"X\x01\x00\x00\x00bG\x3f\xf8\x00\x00\x00\x00\x00\x00");
         p.extend(b"u.");
         p
+    }
+
+    #[test]
+    fn dup_and_memo_share_bytes_instead_of_copying() {
+        // A 1 MiB bytes object, memoised, then DUP and BINGET many times: every copy must be the
+        // same allocation (a deep copy each would make this pickle demand gigabytes).
+        let mut p = vec![0x80, 2, b'('];
+        p.push(b'B');
+        p.extend((1u32 << 20).to_le_bytes());
+        p.extend(vec![7u8; 1 << 20]);
+        p.extend(b"q\x00");
+        for _ in 0..1000 {
+            p.extend(b"2h\x00");
+        }
+        p.extend(b"l.");
+        let Value::List(l) = load(&p).unwrap() else {
+            panic!("not a list")
+        };
+        let l = l.borrow();
+        assert_eq!(l.items.len(), 2001);
+        let Value::Bytes(first) = &l.items[0] else {
+            panic!("not bytes")
+        };
+        for v in &l.items {
+            let Value::Bytes(b) = v else {
+                panic!("not bytes")
+            };
+            assert!(Rc::ptr_eq(b, first));
+        }
+    }
+
+    #[test]
+    fn object_count_is_capped_with_the_limit_named() {
+        let mut p = vec![0x80, 2];
+        for _ in 0..=MAX_OBJECTS {
+            p.extend(b"N0");
+        }
+        p.extend(b"N.");
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.contains("more than 10000000 objects (limit)"), "{err}");
+    }
+
+    #[test]
+    fn memo_size_is_capped_with_the_limit_named() {
+        let mut p = vec![0x80, 2, b'N'];
+        for i in 0..=MAX_MEMO as u32 {
+            p.push(b'r');
+            p.extend(i.to_le_bytes());
+        }
+        p.push(b'.');
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.contains("memo entries (limit)"), "{err}");
     }
 
     #[test]

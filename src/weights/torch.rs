@@ -162,7 +162,22 @@ enum EntryBytes<'a> {
     Inflated(Arc<Vec<u8>>),
 }
 
-fn read_entry<'a>(buf: &'a [u8], e: &ZipEntry) -> Result<EntryBytes<'a>, String> {
+/// The largest `data.pkl` accepted, inflated (the released checkpoints' are under 1 MiB).
+pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// Deflate cannot expand data by more than about 1032:1; an entry that declares more is damaged
+/// (or a bomb) and is refused before anything is inflated.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// An entry's bytes, at most `max` of them: the declared size is checked against `max` and the
+/// deflate ratio before inflating, and inflation stops one byte past the declared size.
+fn read_entry<'a>(buf: &'a [u8], e: &ZipEntry, max: u64) -> Result<EntryBytes<'a>, String> {
+    if e.size > max {
+        return Err(format!(
+            "zip entry `{}` declares {} bytes, more than {max} (limit)",
+            e.name, e.size
+        ));
+    }
     let range = entry_data(buf, e)?;
     match e.method {
         0 => {
@@ -172,9 +187,18 @@ fn read_entry<'a>(buf: &'a [u8], e: &ZipEntry) -> Result<EntryBytes<'a>, String>
             Ok(EntryBytes::Stored(&buf[range]))
         }
         8 => {
+            if e.size > (range.len() as u64).saturating_mul(MAX_DEFLATE_RATIO) + 1024 {
+                return Err(format!(
+                    "zip entry `{}` declares {} bytes from {} compressed (damaged or a zip bomb)",
+                    e.name,
+                    e.size,
+                    range.len()
+                ));
+            }
             let cap = usize::try_from(e.size).unwrap_or(0).min(1 << 24);
             let mut out = Vec::with_capacity(cap);
             flate2::read::DeflateDecoder::new(&buf[range])
+                .take(e.size.saturating_add(1))
                 .read_to_end(&mut out)
                 .map_err(|err| format!("zip entry `{}`: cannot inflate: {err}", e.name))?;
             if out.len() as u64 != e.size {
@@ -223,7 +247,7 @@ pub(crate) fn read_checkpoint(buf: &[u8]) -> Result<TorchCheckpoint, String> {
         .ok_or("zip archive has no data.pkl: not a torch.save checkpoint")?;
     let prefix = &pkl.name[..pkl.name.len() - "data.pkl".len()];
     if let Some(bo) = by_name.get(format!("{prefix}byteorder").as_str()) {
-        let order = match read_entry(buf, bo)? {
+        let order = match read_entry(buf, bo, 64)? {
             EntryBytes::Stored(b) => b.to_vec(),
             EntryBytes::Inflated(b) => b.to_vec(),
         };
@@ -234,7 +258,7 @@ pub(crate) fn read_checkpoint(buf: &[u8]) -> Result<TorchCheckpoint, String> {
             ));
         }
     }
-    let pickled = read_entry(buf, pkl)?;
+    let pickled = read_entry(buf, pkl, MAX_PICKLE_BYTES).map_err(|m| format!("pickle {m}"))?;
     let pickled: &[u8] = match &pickled {
         EntryBytes::Stored(b) => b,
         EntryBytes::Inflated(b) => b,
@@ -250,8 +274,8 @@ pub(crate) fn read_checkpoint(buf: &[u8]) -> Result<TorchCheckpoint, String> {
     // A training checkpoint ({'model': state_dict, 'optimizer': ..., 'epoch': ...}) or a flat
     // state dict.
     let nested = top.iter().find_map(|(k, v)| match (k, v) {
-        (Value::Str(k), Value::Dict(d)) if k == "model" || k == "state_dict" => {
-            Some((k.clone(), d.clone()))
+        (Value::Str(k), Value::Dict(d)) if &**k == "model" || &**k == "state_dict" => {
+            Some((k.to_string(), d.clone()))
         }
         _ => None,
     });
@@ -260,8 +284,8 @@ pub(crate) fn read_checkpoint(buf: &[u8]) -> Result<TorchCheckpoint, String> {
         Some((name, d)) => {
             for (k, _) in top.iter() {
                 match k {
-                    Value::Str(s) if *s == name => {}
-                    Value::Str(s) => ignored.push(s.clone()),
+                    Value::Str(s) if **s == *name => {}
+                    Value::Str(s) => ignored.push(s.to_string()),
                     other => ignored.push(format!("<{}>", other.kind())),
                 }
             }
@@ -350,7 +374,7 @@ fn locate(
         let data = match inflated.get(&name) {
             Some(d) => d.clone(),
             None => {
-                let EntryBytes::Inflated(d) = read_entry(buf, entry)? else {
+                let EntryBytes::Inflated(d) = read_entry(buf, entry, u64::MAX)? else {
                     return Err(format!("zip entry `{name}`: inconsistent compression"));
                 };
                 inflated.insert(name.clone(), d.clone());
