@@ -925,6 +925,32 @@ mod tests {
         level: Level,
     }
 
+    impl Case {
+        /// A random fused case with dimensions in 1..=`max_dim`.
+        fn random(rng: &mut Rng, max_dim: u64, alpha: f32) -> Case {
+            let acts = [Act::None, Act::Gelu, Act::Relu, Act::QuickGelu];
+            Case {
+                batch: 1 + rng.below(3) as usize,
+                m: 1 + rng.below(max_dim) as usize,
+                n: 1 + rng.below(max_dim) as usize,
+                k: 1 + rng.below(max_dim) as usize,
+                b_trans: rng.below(2) == 0,
+                bcast_a: rng.below(5) == 0,
+                bcast_b: rng.below(3) == 0,
+                packed: rng.below(2) == 0,
+                bias: match rng.below(3) {
+                    0 => None,
+                    1 => Some(true),
+                    _ => Some(false),
+                },
+                act: acts[rng.below(4) as usize],
+                residual: rng.below(5) as u8,
+                alpha,
+                level: Level::Fused,
+            }
+        }
+    }
+
     /// Builds the arguments of `case` in a fresh memory, runs the plan and the reference, and
     /// compares every element (outputs and everything else).
     fn check(case: Case, rng: &mut Rng) -> GemmPlan {
@@ -1033,28 +1059,9 @@ mod tests {
     #[test]
     fn every_case_matches_the_row_major_definition() {
         let mut rng = Rng(7);
-        let acts = [Act::None, Act::Gelu, Act::Relu, Act::QuickGelu];
         let mut paths = [0usize; 3];
         for trial in 0..400 {
-            let case = Case {
-                batch: 1 + rng.below(3) as usize,
-                m: 1 + rng.below(9) as usize,
-                n: 1 + rng.below(9) as usize,
-                k: 1 + rng.below(9) as usize,
-                b_trans: rng.below(2) == 0,
-                bcast_a: rng.below(5) == 0,
-                bcast_b: rng.below(3) == 0,
-                packed: rng.below(2) == 0,
-                bias: match rng.below(3) {
-                    0 => None,
-                    1 => Some(true),
-                    _ => Some(false),
-                },
-                act: acts[rng.below(4) as usize],
-                residual: rng.below(5) as u8,
-                alpha: if trial % 4 == 0 { 0.5 } else { 1.0 },
-                level: Level::Fused,
-            };
+            let case = Case::random(&mut rng, 9, if trial % 4 == 0 { 0.5 } else { 1.0 });
             let p = check(case, &mut rng);
             let path = match (p.save.is_some(), p.epilogue.is_some()) {
                 (true, _) => 2,
@@ -1093,27 +1100,8 @@ mod tests {
     #[test]
     fn every_fallback_level_matches_the_row_major_definition() {
         let mut rng = Rng(23);
-        let acts = [Act::None, Act::Gelu, Act::Relu, Act::QuickGelu];
         for _ in 0..300 {
-            let case = Case {
-                batch: 1 + rng.below(3) as usize,
-                m: 1 + rng.below(7) as usize,
-                n: 1 + rng.below(7) as usize,
-                k: 1 + rng.below(7) as usize,
-                b_trans: rng.below(2) == 0,
-                bcast_a: rng.below(5) == 0,
-                bcast_b: rng.below(3) == 0,
-                packed: rng.below(2) == 0,
-                bias: match rng.below(3) {
-                    0 => None,
-                    1 => Some(true),
-                    _ => Some(false),
-                },
-                act: acts[rng.below(4) as usize],
-                residual: rng.below(5) as u8,
-                alpha: 1.0,
-                level: Level::Fused,
-            };
+            let case = Case::random(&mut rng, 7, 1.0);
             let fused = check(case, &mut rng);
             let unfused = check(
                 Case {
