@@ -5,14 +5,9 @@ mod common;
 
 use segvol::io::nifti::{read_volume, Header};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn segvol(args: &[&str]) -> Output {
-    Command::new(common::segvol_bin())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::segvol;
 
 /// Asserts exit status 2, no panic, and that stderr mentions every `needle`.
 fn assert_fails(out: &Output, needles: &[&str]) {

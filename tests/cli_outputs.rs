@@ -6,14 +6,9 @@ mod common;
 
 use segvol::io::nifti::read_volume;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn segvol(args: &[&str]) -> Output {
-    Command::new(common::segvol_bin())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::segvol;
 
 fn tiny_model() -> String {
     common::tiny().join("model").to_string_lossy().into_owned()
@@ -65,14 +60,7 @@ fn several_texts_into_one_out_write_a_named_label_map() {
     let map = read_volume(&out).unwrap();
     assert!(map.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0));
     // The names travel in the header extension and in the report.
-    let raw = {
-        use std::io::Read;
-        let mut v = Vec::new();
-        flate2::read::GzDecoder::new(std::fs::File::open(&out).unwrap())
-            .read_to_end(&mut v)
-            .unwrap();
-        v
-    };
+    let raw = common::gunzip_file(&out);
     let vox_offset = f32::from_le_bytes(raw[108..112].try_into().unwrap()) as usize;
     assert_eq!(raw[348], 1, "extension flag");
     assert!(vox_offset > 352 && vox_offset.is_multiple_of(16));
@@ -155,14 +143,7 @@ fn out_dir_collisions_are_refused_naming_both_sources() {
     std::fs::create_dir(&c1).unwrap();
     std::fs::create_dir(&c2).unwrap();
     std::fs::copy(tiny_ct(), c1.join("scan.nii.gz")).unwrap();
-    let raw = {
-        use std::io::Read;
-        let mut v = Vec::new();
-        flate2::read::GzDecoder::new(std::fs::File::open(tiny_ct()).unwrap())
-            .read_to_end(&mut v)
-            .unwrap();
-        v
-    };
+    let raw = common::gunzip_file(&tiny_ct());
     std::fs::write(c2.join("scan.NII"), raw).unwrap();
     let masks = tmp.path().join("masks");
     let model = tiny_model();

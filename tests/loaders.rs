@@ -33,12 +33,7 @@ fn patch_tensor(file: &Path, key: &str, f: impl Fn(usize) -> f32) {
     std::fs::write(file, bytes).unwrap();
 }
 
-fn segvol(args: &[&str]) -> std::process::Output {
-    Command::new(common::segvol_bin())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::segvol;
 
 // ----- item 6: config.json bounds -----
 

@@ -120,6 +120,24 @@ pub fn segvol_bin() -> PathBuf {
     }
 }
 
+/// Runs the `segvol` binary ([`segvol_bin`]) with `args` and collects its output.
+pub fn segvol(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(segvol_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The decompressed bytes of a gzip file.
+pub fn gunzip_file(path: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_end(&mut v)
+        .unwrap();
+    v
+}
+
 /// A full-size `segvol-random-v1` model directory (seed 2), generated once per machine into
 /// `target/` and reused.
 pub fn full_model_dir() -> PathBuf {
