@@ -228,14 +228,13 @@ fn failed_capture_falls_back_to_eager_once() {
         assert_eq!(out.logits.data, want, "call {i}: logits differ from eager");
         captures.push(dev.captures_begun());
     }
-    // The first calls may bind inputs at new addresses (new bindings, each captured once when
-    // it is seen again); once every binding has been seen, its failed capture is not tried
-    // again, so the count settles. A binding retried after failing would add captures on
-    // every call.
+    // Calls may bind inputs at new addresses (a new binding is captured once, when it is seen
+    // again), so the count grows a little at unpredictable calls. A binding retried after
+    // failing would instead start a capture of both programs on every call (>= 2 per call).
     assert!(captures[11] > 0, "no capture was attempted: {captures:?}");
     assert_eq!(dev.replays_begun(), 0, "a failed capture was replayed");
     assert!(
-        captures[6..].iter().all(|&c| c == captures[6]),
+        captures[11] < 12,
         "failed bindings were captured again: {captures:?}"
     );
 }
