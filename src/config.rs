@@ -501,11 +501,13 @@ pub(crate) fn describe(v: &Value) -> String {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     };
-    let mut s = v.to_string();
-    if s.len() > 40 {
-        s.truncate(40);
-        s.push('…');
-    }
+    // Cut by characters, not bytes: a byte cut can split a multi-byte character (a panic).
+    let s = v.to_string();
+    let s = if s.chars().count() > 40 {
+        format!("{}…", s.chars().take(40).collect::<String>())
+    } else {
+        s
+    };
     format!("{kind} ({s})")
 }
 

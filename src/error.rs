@@ -63,6 +63,14 @@ pub enum Error {
     /// A device call failed while running (kernel launch, cuBLAS, emulator deadlock, ...).
     #[error("device {device}: {msg}")]
     Device { device: String, msg: String },
+    /// Some inputs of a run of several failed (each reported as it happened); `code` is the
+    /// exit status of the gravest failure.
+    #[error("{failed} of {total} inputs failed (each is reported above)")]
+    Failed {
+        failed: usize,
+        total: usize,
+        code: i32,
+    },
     /// A bug: an invariant of the engine did not hold.
     #[error("internal error: {0}")]
     Internal(String),
@@ -74,6 +82,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Device { .. } | Error::Internal(_) => 1,
+            Error::Failed { code, .. } => *code,
             _ => 2,
         }
     }
@@ -108,5 +117,48 @@ impl Error {
             device: device.into(),
             msg: msg.into(),
         }
+    }
+}
+
+/// The longest user text an error message echoes, in characters.
+const ECHO_CHARS: usize = 80;
+
+/// User text as echoed in a one-line message: as given up to [`ECHO_CHARS`] characters, longer
+/// text cut there with its length noted, so a 10k-character prompt never makes a 10 kB line.
+pub fn clip(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= ECHO_CHARS {
+        s.to_string()
+    } else {
+        let head: String = s.chars().take(ECHO_CHARS).collect();
+        format!("{head}… ({n} characters)")
+    }
+}
+
+/// A number for a message: three decimals at ordinary magnitudes, scientific notation beyond,
+/// so 1e308 prints as `1.000e308` rather than 309 digits.
+pub fn num(x: f64) -> String {
+    if x.is_finite() && x.abs() < 1e7 {
+        format!("{x:.3}")
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_stay_short() {
+        assert_eq!(clip("liver"), "liver");
+        let long = "x".repeat(10_000);
+        let c = clip(&long);
+        assert!(c.len() < 120 && c.ends_with("(10000 characters)"), "{c}");
+        // Multi-byte text is cut on a character boundary.
+        assert!(clip(&"é".repeat(100)).starts_with(&"é".repeat(80)));
+        assert_eq!(num(1.5), "1.500");
+        assert_eq!(num(1e308), "1.000e308");
+        assert_eq!(num(-2.5e9), "-2.500e9");
     }
 }

@@ -371,7 +371,11 @@ fn box_outside_the_volume() {
     segment_fails(
         &tiny_ct(),
         &["--box", "0,0,0,10,10,30"],
-        &["--box corner", "outside", "122x101x30"],
+        &[
+            "example_ct_sm",
+            "box 0,0,0,10,10,30: lies outside",
+            "122x101x30",
+        ],
     );
 }
 
@@ -380,7 +384,7 @@ fn point_outside_the_volume() {
     segment_fails(
         &tiny_ct(),
         &["--point", "122,5,5"],
-        &["--point", "outside", "122x101x30"],
+        &["point 122,5,5: lies outside", "122x101x30"],
     );
 }
 

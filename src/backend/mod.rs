@@ -617,14 +617,14 @@ impl DeviceSpec {
                         .filter(|&o| o <= MAX_CUDA_ORDINAL && !n.starts_with('+'))
                         .ok_or_else(|| {
                             Error::Usage(format!(
-                                "--device {}: expected cuda:N with N a GPU ordinal 0..{MAX_CUDA_ORDINAL}",
+                                "device {}: expected cuda:N with N a GPU ordinal 0..{MAX_CUDA_ORDINAL}",
                                 shown(d)
                             ))
                         })?,
                 ),
                 None => {
                     return Err(Error::Usage(format!(
-                        "--device {}: expected cpu, emu, cuda or cuda:N",
+                        "device {}: expected cpu, emu, cuda or cuda:N",
                         shown(d)
                     )))
                 }
@@ -633,17 +633,14 @@ impl DeviceSpec {
         let dtype = match precision {
             None => None,
             Some(p) => Some(DType::parse_precision(p).ok_or_else(|| {
-                Error::Usage(format!(
-                    "--precision {}: expected f32, bf16 or f16",
-                    shown(p)
-                ))
+                Error::Usage(format!("precision {}: expected f32, bf16 or f16", shown(p)))
             })?),
         };
         let dtype = match (kind, dtype) {
             (DeviceKind::Cpu, None | Some(DType::F32)) => DType::F32,
             (DeviceKind::Cpu, Some(p)) => {
                 return Err(Error::Usage(format!(
-                    "--precision {p}: the cpu device computes in f32 only (use --device emu or cuda for {p})"
+                    "precision {p}: the cpu device computes in f32 only (use device emu or cuda for {p})"
                 )))
             }
             (_, p) => p.unwrap_or(DType::BF16),
@@ -729,14 +726,14 @@ mod tests {
         assert_eq!(ok("cuda", Some("f16")).kind, DeviceKind::Cuda(0));
         assert_eq!(ok("cuda:3", None).kind, DeviceKind::Cuda(3));
         for (d, p, needle) in [
-            ("tpu", None, "--device tpu"),
-            ("cuda:x", None, "--device cuda:x"),
+            ("tpu", None, "device tpu"),
+            ("cuda:x", None, "device cuda:x"),
             ("cuda:", None, "cuda:N"),
             ("cuda:-1", None, "cuda:N"),
             ("cuda:99999999999999999999", None, "cuda:N"),
             ("cpu", Some("bf16"), "f32 only"),
             ("cpu", Some("f16"), "f32 only"),
-            ("emu", Some("f8"), "--precision f8"),
+            ("emu", Some("f8"), "precision f8"),
         ] {
             let e = DeviceSpec::parse(d, p).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{d} {p:?}: {e}");

@@ -135,18 +135,15 @@ pub fn nearest_voxel(ijk: [f64; 3], dims: [usize; 3]) -> Result<[usize; 3]> {
     for a in 0..3 {
         let r = (ijk[a] + 0.5).floor();
         if !r.is_finite() || r < 0.0 || r >= dims[a] as f64 {
+            let [x, y, z] = ijk.map(crate::error::num);
+            let [ri, rj, rk] = ijk.map(|v| match (v + 0.5).floor() {
+                r if r.abs() < 1e15 => format!("{r}"),
+                r => crate::error::num(r),
+            });
             return Err(Error::Prompt(format!(
-                "voxel coordinates ({:.3}, {:.3}, {:.3}) round to ({}, {}, {}), outside the \
+                "voxel coordinates ({x}, {y}, {z}) round to ({ri}, {rj}, {rk}), outside the \
                  {}x{}x{} volume",
-                ijk[0],
-                ijk[1],
-                ijk[2],
-                (ijk[0] + 0.5).floor(),
-                (ijk[1] + 0.5).floor(),
-                (ijk[2] + 0.5).floor(),
-                dims[0],
-                dims[1],
-                dims[2]
+                dims[0], dims[1], dims[2]
             )));
         }
         out[a] = r as usize;

@@ -229,7 +229,7 @@ pub fn segment(
     }
     if prompts.is_empty() {
         return Err(Error::Prompt(
-            "no prompt: give --text, --box or --point".into(),
+            "no prompt: give a text, a box or a point".into(),
         ));
     }
     for p in prompts {

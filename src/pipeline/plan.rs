@@ -101,12 +101,12 @@ pub const MAX_BATCH: usize = 1024;
 pub fn check_batch(batch: usize) -> Result<()> {
     if batch == 0 {
         return Err(Error::Usage(
-            "--batch 0: the batch must be at least 1".into(),
+            "batch 0: a model call takes at least 1 window".into(),
         ));
     }
     if batch > MAX_BATCH {
         return Err(Error::Usage(format!(
-            "--batch {batch}: at most {MAX_BATCH} windows per model call"
+            "batch {batch}: at most {MAX_BATCH} windows per model call"
         )));
     }
     Ok(())
@@ -488,7 +488,7 @@ mod tests {
             let e = VolumePlan::fit(&cfg, DType::BF16, [32, 256, 256], b, None, h)
                 .err()
                 .unwrap();
-            assert!(e.to_string().contains("--batch"), "{e}");
+            assert!(e.to_string().contains("batch"), "{e}");
         }
         // One window: a batch of 1000 plans batch 1.
         let p = VolumePlan::fit(&cfg, DType::BF16, [32, 256, 256], 1000, None, h).unwrap();
