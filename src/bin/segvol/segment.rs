@@ -6,6 +6,7 @@ use crate::DeviceArgs;
 use clap::Args;
 use segvol::error::{Error, Result};
 use segvol::io::nifti::{self, Volume};
+use segvol::io::prompt::{Units, VolumePrompts};
 use segvol::model::SegVol;
 use segvol::pipeline::{self, plan::parse_size, Options, UserPrompt, VolumeOutcome};
 use serde_json::json;
@@ -116,7 +117,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     }
     let opts = options(&a)?;
     // Check every prompt argument before the model loads.
-    parse_prompt_args(&a)?;
+    let spec = prompts(&a)?;
     let t_load = Instant::now();
     let model = crate::load_model(&model_dir, &a.device)?;
     eprintln!(
@@ -125,11 +126,48 @@ pub fn run(a: SegmentArgs) -> Result<()> {
         model.backend().dtype(),
         t_load.elapsed().as_secs_f64()
     );
-    let mut reports = Vec::new();
-    for input in &inputs {
-        reports.push(segment_file(&model, input, &output, &a, &opts)?);
+    if inputs.len() == 1 {
+        let report = segment_file(&model, &inputs[0], &output, &a, &opts, &spec)?;
+        return write_report(a.json.as_deref(), &report);
     }
-    write_report(a.json.as_deref(), &reports)
+    // Several inputs: one bad file must not cost the others. Each failure is reported as it
+    // happens, in the --json report and in the exit status.
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for input in &inputs {
+        match segment_file(&model, input, &output, &a, &opts, &spec) {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                eprintln!("segvol: failed: {}: {e}", input.display());
+                failures.push((input.clone(), e));
+            }
+        }
+    }
+    let summary =
+        json!({"inputs": inputs.len(), "segmented": reports.len(), "failed": failures.len()});
+    let failed: Vec<_> = failures
+        .iter()
+        .map(|(p, e)| json!({"input": p, "error": e.to_string(), "exit_code": e.exit_code()}))
+        .collect();
+    write_report(
+        a.json.as_deref(),
+        &json!({"volumes": reports, "failures": failed, "summary": summary}),
+    )?;
+    eprintln!(
+        "segvol: {} of {} inputs segmented, {} failed",
+        reports.len(),
+        inputs.len(),
+        failures.len()
+    );
+    match failures.iter().map(|(_, e)| e.exit_code()).min() {
+        None => Ok(()),
+        // An engine failure (1) outranks bad input (2): it is the one to look at first.
+        Some(code) => Err(Error::Failed {
+            failed: failures.len(),
+            total: inputs.len(),
+            code,
+        }),
+    }
 }
 
 /// Every file this run will write, with what it is (for messages), planned before any work.
@@ -220,6 +258,7 @@ fn check_outputs(inputs: &[PathBuf], output: &Output, a: &SegmentArgs) -> Result
     }
     let outs = planned_outputs(inputs, output, a);
     let mut seen: Vec<(FileId, &str)> = Vec::new();
+    let mut probed: Vec<PathBuf> = Vec::new();
     for (path, what) in &outs {
         let id = identity(path);
         if let Some((p, _)) = ins.iter().find(|(_, ip)| same_file(&id, ip)) {
@@ -235,19 +274,35 @@ fn check_outputs(inputs: &[PathBuf], output: &Output, a: &SegmentArgs) -> Result
                 path.display()
             )));
         }
-        let is_out_dir = matches!(output, Output::Dir(d) if path.parent() == Some(d.as_path()));
-        if !is_out_dir {
-            let parent = match path.parent() {
-                Some(q) if !q.as_os_str().is_empty() => q,
-                _ => Path::new("."),
-            };
-            if !parent.is_dir() {
-                return Err(Error::Usage(format!(
-                    "{what} {}: the directory {} does not exist",
+        let parent = match path.parent() {
+            Some(q) if !q.as_os_str().is_empty() => q,
+            _ => Path::new("."),
+        };
+        let is_out_dir = matches!(output, Output::Dir(d) if parent == d.as_path());
+        // --out-dir is created when missing: what must be writable is its nearest ancestor.
+        let dir = if is_out_dir {
+            parent
+                .ancestors()
+                .find(|d| d.is_dir())
+                .unwrap_or(Path::new("."))
+        } else if parent.is_dir() {
+            parent
+        } else {
+            return Err(Error::Usage(format!(
+                "{what} {}: the directory {} does not exist",
+                path.display(),
+                parent.display()
+            )));
+        };
+        if !probed.iter().any(|p| p == dir) {
+            check_writable(dir).map_err(|e| {
+                Error::Usage(format!(
+                    "{what} {}: cannot write in {}: {e}",
                     path.display(),
-                    parent.display()
-                )));
-            }
+                    dir.display()
+                ))
+            })?;
+            probed.push(dir.to_path_buf());
         }
         if path.is_dir() {
             return Err(Error::Usage(format!(
@@ -258,6 +313,17 @@ fn check_outputs(inputs: &[PathBuf], output: &Output, a: &SegmentArgs) -> Result
         seen.push((id, what.as_str()));
     }
     Ok(())
+}
+
+/// Whether files can be created in `dir`, by creating (and removing) one: permission bits do
+/// not tell about read-only mounts, ACLs or a full inode table.
+fn check_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".segvol-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
 }
 
 fn options(a: &SegmentArgs) -> Result<Options> {
@@ -302,135 +368,28 @@ fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             found.sort();
             out.extend(found);
         } else {
+            // A missing input is refused before the model loads, not after the others ran.
+            std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
             out.push(p.clone());
         }
     }
     Ok(out)
 }
 
-/// Raw prompt arguments, before coordinates are resolved against a volume.
-struct PromptArgs {
-    texts: Vec<String>,
-    bbox: Option<[f64; 6]>,
-    points: Vec<([f64; 3], bool)>,
-}
-
-fn numbers<const N: usize>(s: &str, flag: &str) -> Result<[f64; N]> {
-    let vals: Vec<f64> = s
-        .split(',')
-        .map(|v| v.trim().parse::<f64>().ok().filter(|f| f.is_finite()))
-        .collect::<Option<_>>()
-        .ok_or_else(|| {
-            Error::Prompt(format!("{flag} {s}: expected {N} comma-separated numbers"))
-        })?;
-    vals.try_into()
-        .map_err(|_| Error::Prompt(format!("{flag} {s}: expected {N} comma-separated numbers")))
-}
-
-fn parse_prompt_args(a: &SegmentArgs) -> Result<PromptArgs> {
-    for t in &a.text {
-        if t.trim().is_empty() {
-            return Err(Error::Prompt("--text is empty".into()));
-        }
-    }
-    let bbox = a
-        .r#box
-        .as_deref()
-        .map(|s| numbers::<6>(s, "--box"))
-        .transpose()?;
-    let mut points = Vec::new();
-    for p in &a.point {
-        points.push((numbers::<3>(p, "--point")?, true));
-    }
-    for p in &a.negative_point {
-        points.push((numbers::<3>(p, "--negative-point")?, false));
-    }
-    if a.text.is_empty() && bbox.is_none() && points.is_empty() {
-        return Err(Error::Prompt(
-            "no prompt: give --text, --box or --point".into(),
-        ));
-    }
-    if !a.mm {
-        let integral = |v: &[f64]| v.iter().all(|x| x.fract() == 0.0 && *x >= 0.0);
-        if bbox.is_some_and(|b| !integral(&b)) || points.iter().any(|(p, _)| !integral(p)) {
-            return Err(Error::Prompt(
-                "voxel coordinates must be non-negative integers (use --mm for millimetres)".into(),
-            ));
-        }
-    }
-    Ok(PromptArgs {
-        texts: a.text.clone(),
-        bbox,
-        points,
-    })
-}
-
-/// Resolves the prompt arguments against a volume: voxel indices as given, or millimetres
-/// through the affine (nearest voxel).
-fn resolve_prompts(a: &SegmentArgs, vol: &Volume) -> Result<Vec<UserPrompt>> {
-    let args = parse_prompt_args(a)?;
-    let to_voxel = |p: [f64; 3], what: &str| -> Result<[usize; 3]> {
-        if a.mm {
-            vol.nearest_voxel_from_world(p).map_err(|e| match e {
-                Error::Prompt(m) => Error::Prompt(format!("{what} at {p:?} mm: {m}")),
-                other => other,
-            })
-        } else {
-            let v = p.map(|x| x as usize);
-            if (0..3).any(|i| v[i] >= vol.dims[i]) {
-                return Err(Error::Prompt(format!(
-                    "{}: {what} {v:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
-                    vol.path.display(),
-                    vol.dims[0],
-                    vol.dims[1],
-                    vol.dims[2]
-                )));
-            }
-            Ok(v)
-        }
+/// The prompt flags, checked without a volume ([`VolumePrompts::parse`]).
+fn prompts(a: &SegmentArgs) -> Result<VolumePrompts> {
+    let units = if a.mm {
+        Units::Millimetres
+    } else {
+        Units::Voxels
     };
-    let bbox = match args.bbox {
-        None => None,
-        Some(b) => {
-            let c0 = to_voxel([b[0], b[1], b[2]], "--box corner")?;
-            let c1 = to_voxel([b[3], b[4], b[5]], "--box corner")?;
-            // Millimetre corners may swap order through a flipped axis (LAS).
-            Some([
-                c0[0].min(c1[0]),
-                c0[1].min(c1[1]),
-                c0[2].min(c1[2]),
-                c0[0].max(c1[0]),
-                c0[1].max(c1[1]),
-                c0[2].max(c1[2]),
-            ])
-        }
-    };
-    let mut points = Vec::new();
-    let mut positive = Vec::new();
-    for (p, pos) in &args.points {
-        points.push(to_voxel(
-            *p,
-            if *pos { "--point" } else { "--negative-point" },
-        )?);
-        positive.push(*pos);
-    }
-    let base = UserPrompt {
-        text: None,
-        bbox,
-        points,
-        positive,
-    };
-    if args.texts.is_empty() {
-        return Ok(vec![base]);
-    }
-    Ok(args
-        .texts
-        .iter()
-        .map(|t| UserPrompt {
-            text: Some(t.clone()),
-            ..base.clone()
-        })
-        .collect())
+    VolumePrompts::parse(
+        &a.text,
+        a.r#box.as_deref(),
+        &a.point,
+        &a.negative_point,
+        units,
+    )
 }
 
 /// A terminal progress line on stderr, only when stderr is a terminal.
@@ -495,13 +454,14 @@ fn segment_file(
     output: &Output,
     a: &SegmentArgs,
     opts: &Options,
+    spec: &VolumePrompts,
 ) -> Result<serde_json::Value> {
     let t_all = Instant::now();
     let vol = {
         let _r = segvol::backend::range(model.backend().as_ref(), "read");
         nifti::read_volume(input)?
     };
-    segment_volume(model, &vol, output, a, opts, t_all)
+    segment_volume(model, &vol, output, a, opts, spec, t_all)
 }
 
 fn segment_volume(
@@ -510,9 +470,12 @@ fn segment_volume(
     output: &Output,
     a: &SegmentArgs,
     opts: &Options,
+    spec: &VolumePrompts,
     t_all: Instant,
 ) -> Result<serde_json::Value> {
-    let prompts = resolve_prompts(a, vol)?;
+    let prompts = spec
+        .resolve(vol.dims, vol.affine.as_ref())
+        .map_err(|e| in_file(e, &vol.path))?;
     let label = vol
         .path
         .file_name()
@@ -527,12 +490,7 @@ fn segment_volume(
         opts,
         &mut progress,
     )
-    .map_err(|e| match e {
-        // Name the file in faults of its content (no foreground, a prompt outside it, ...).
-        Error::Input(m) => Error::Input(format!("{}: {m}", vol.path.display())),
-        Error::Prompt(m) => Error::Prompt(format!("{}: {m}", vol.path.display())),
-        other => other,
-    })?;
+    .map_err(|e| in_file(e, &vol.path))?;
     let t_write = Instant::now();
     let write_range = segvol::backend::range(model.backend().as_ref(), "write");
     let files = write_outputs(vol, &out, output, &prompts)?;
@@ -550,6 +508,15 @@ fn segment_volume(
     );
     print_summary(vol, &out, &files, write_seconds);
     Ok(report)
+}
+
+/// Names the file in faults of its content (no foreground, a prompt outside it, ...).
+fn in_file(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Input(m) => Error::Input(format!("{}: {m}", path.display())),
+        Error::Prompt(m) => Error::Prompt(format!("{}: {m}", path.display())),
+        other => other,
+    }
 }
 
 fn write_outputs(
@@ -713,14 +680,9 @@ fn print_summary(vol: &Volume, out: &VolumeOutcome, files: &[PathBuf], write_s: 
     }
 }
 
-fn write_report(path: Option<&Path>, reports: &[serde_json::Value]) -> Result<()> {
+fn write_report(path: Option<&Path>, report: &serde_json::Value) -> Result<()> {
     let Some(path) = path else { return Ok(()) };
-    let v = if reports.len() == 1 {
-        reports[0].clone()
-    } else {
-        json!({ "volumes": reports })
-    };
-    let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?;
+    let text = serde_json::to_string_pretty(report).map_err(|e| Error::Internal(e.to_string()))?;
     segvol::io::write_atomic(path, text.as_bytes())
 }
 
@@ -737,6 +699,7 @@ fn demo(mut a: SegmentArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("segvol-demo-mask.nii.gz"));
     check_nifti_name(&out)?;
     let opts = options(&a)?;
+    let spec = prompts(&a)?;
     let t0 = Instant::now();
     let cfg = segvol::ModelConfig::full();
     let store = segvol::weights::WeightStore::random(&cfg, DEMO_SEED);
@@ -756,6 +719,6 @@ fn demo(mut a: SegmentArgs) -> Result<()> {
         DEMO_CT.to_vec(),
         Path::new("example_ct_sm.nii.gz (bundled)"),
     )?;
-    let report = segment_volume(&model, &vol, &Output::File(out), &a, &opts, t_all)?;
-    write_report(a.json.as_deref(), &[report])
+    let report = segment_volume(&model, &vol, &Output::File(out), &a, &opts, &spec, t_all)?;
+    write_report(a.json.as_deref(), &report)
 }
