@@ -7,8 +7,6 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::rng::{mix, GAMMA};
 use rayon::prelude::*;
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::path::Path;
 
 /// The generator's name, as written into `config.json`.
@@ -173,48 +171,52 @@ fn generate_le_bytes(spec: &TensorSpec, seed: u64) -> Vec<u8> {
     bytes
 }
 
-/// A tensor that is generated only when the safetensors writer asks for its bytes, so the
-/// writer holds one tensor at a time, never the whole model.
-struct LazyTensor<'a> {
-    spec: &'a TensorSpec,
-    seed: u64,
-}
-
-impl safetensors::View for LazyTensor<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        match self.spec.dtype {
-            SpecDType::F32 => safetensors::Dtype::F32,
-            SpecDType::I64 => safetensors::Dtype::I64,
-        }
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.spec.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(generate_le_bytes(self.spec, self.seed))
-    }
-
-    fn data_len(&self) -> usize {
-        self.spec.numel() * self.spec.dtype.size()
-    }
-}
-
 /// Writes `model.safetensors` with the `segvol-random-v1` weights of `cfg` (keys prefixed
-/// `model.` as in the released export, random-weights.md "Files"). The safetensors crate
-/// streams it to a temporary file in the same directory and renames it into place.
+/// `model.` as in the released export, random-weights.md "Files"), streamed one generated
+/// tensor at a time through [`crate::io::write_atomic_with`] (a temporary file, renamed when
+/// complete, removed on failure or a signal).
 pub fn write_safetensors(path: &Path, cfg: &ModelConfig, seed: u64) -> Result<()> {
-    let specs = schema(cfg);
-    let tensors = specs
-        .iter()
-        .map(|spec| (format!("model.{}", spec.key), LazyTensor { spec, seed }));
+    let mut specs = schema(cfg);
+    // The safetensors layout, byte for byte as the reference `safetensors` writers produce it:
+    // an 8-byte little-endian header length; a JSON header with `__metadata__` first, then per
+    // tensor its dtype, shape and data offsets, padded with spaces to a multiple of 8; then the
+    // tensors back to back. Tensors go by descending dtype alignment, then by name.
+    specs.sort_by(|a, b| (b.dtype.size().cmp(&a.dtype.size())).then_with(|| a.key.cmp(&b.key)));
     // `format: pt` is what the Hugging Face converter writes; loaders use it to pick PyTorch
     // semantics.
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
-        other => Error::Internal(format!("writing {}: {other}", path.display())),
+    let mut head = String::from(r#"{"__metadata__":{"format":"pt"}"#);
+    let mut offset = 0usize;
+    for spec in &specs {
+        let len = spec.numel() * spec.dtype.size();
+        let dtype = match spec.dtype {
+            SpecDType::F32 => "F32",
+            SpecDType::I64 => "I64",
+        };
+        let name = serde_json::to_string(&format!("model.{}", spec.key))
+            .map_err(|e| Error::Internal(format!("safetensors header: {e}")))?;
+        let shape: Vec<String> = spec.shape.iter().map(|d| d.to_string()).collect();
+        head.push_str(&format!(
+            r#",{name}:{{"dtype":"{dtype}","shape":[{}],"data_offsets":[{offset},{}]}}"#,
+            shape.join(","),
+            offset + len
+        ));
+        offset += len;
+    }
+    head.push('}');
+    let mut head = head.into_bytes();
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    crate::io::write_atomic_with(path, |tmp| {
+        use std::io::Write;
+        let file = std::fs::File::create(tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for spec in &specs {
+            w.write_all(&generate_le_bytes(spec, seed))?;
+        }
+        w.flush()?;
+        drop(w);
+        file.sync_all()
     })
 }
 

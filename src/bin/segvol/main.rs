@@ -4,6 +4,7 @@
 mod bench;
 mod plan;
 mod segment;
+mod signals;
 
 use clap::{Args, Parser, Subcommand};
 use segvol::backend::{Backend, DeviceSpec};
@@ -105,6 +106,7 @@ struct GenWeightsArgs {
 }
 
 fn main() -> ExitCode {
+    signals::install();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
