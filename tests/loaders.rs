@@ -113,6 +113,36 @@ fn a_nan_weight_is_refused_at_load_naming_tensor_and_element() {
 }
 
 #[test]
+fn every_non_finite_tensor_is_named_not_only_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(tmp.path());
+    let weights = tmp.path().join("model.safetensors");
+    patch_tensor(&weights, "model.image_encoder.norm.weight", |i| {
+        if i % 2 == 0 {
+            f32::INFINITY
+        } else {
+            1.0
+        }
+    });
+    patch_tensor(&weights, "model.mask_decoder.iou_token.weight", |_| {
+        f32::NAN
+    });
+    let msg = segvol::weights::open_model_dir(tmp.path())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("2 tensor(s) hold non-finite values"), "{msg}");
+    assert!(
+        msg.contains("`image_encoder.norm.weight` (48 value(s)"),
+        "{msg}"
+    );
+    assert!(msg.contains("the first inf at element 0"), "{msg}");
+    assert!(
+        msg.contains("`mask_decoder.iou_token.weight` (96 value(s), the first NaN"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn huge_finite_weights_fail_the_finite_logits_check() {
     let tmp = tempfile::tempdir().unwrap();
     copy_model(tmp.path());

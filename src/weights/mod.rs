@@ -560,9 +560,10 @@ impl WeightStore {
             .collect::<Result<_>>()?;
         drop(chosen);
         // Non-finite weights give NaN logits and an empty mask that looks like success: refuse
-        // them here, naming the tensor and the first bad element. Huge finite values (1e38) are
-        // left to the finite-logits check of every model call, which sees whether they overflow.
-        let nonfinite = entries
+        // them here, naming every such tensor (up to a few), its count and its first bad
+        // element. Huge finite values (1e38) are left to the finite-logits check of every model
+        // call, which sees whether they overflow.
+        let nonfinite: Vec<(String, usize, usize, f32)> = entries
             .par_iter()
             .filter_map(|e| {
                 let v: &[f32] = match &e.data {
@@ -571,15 +572,30 @@ impl WeightStore {
                         bytemuck::cast_slice(&map[*offset..offset + len * 4])
                     }
                 };
-                v.iter()
-                    .position(|x| !x.is_finite())
-                    .map(|i| (e.key.clone(), i, v[i]))
+                let first = v.iter().position(|x| !x.is_finite())?;
+                let count = v[first..].iter().filter(|x| !x.is_finite()).count();
+                Some((e.key.clone(), count, first, v[first]))
             })
-            .find_first(|_| true);
-        if let Some((key, i, v)) = nonfinite {
+            .collect();
+        if !nonfinite.is_empty() {
+            const SHOWN: usize = 4;
+            let mut list: Vec<String> = nonfinite
+                .iter()
+                .take(SHOWN)
+                .map(|(key, n, i, v)| {
+                    format!("`{key}` ({n} value(s), the first {v} at element {i})")
+                })
+                .collect();
+            if nonfinite.len() > SHOWN {
+                list.push(format!("and {} more tensors", nonfinite.len() - SHOWN));
+            }
             return Err(Error::format(
                 path,
-                format!("tensor `{key}` holds a non-finite value ({v}) at element {i}"),
+                format!(
+                    "{} tensor(s) hold non-finite values: {}",
+                    nonfinite.len(),
+                    list.join(", ")
+                ),
             ));
         }
         let index = entries
