@@ -16,6 +16,7 @@ pub mod model;
 pub mod pipeline;
 pub mod program;
 pub mod rng;
+pub mod runtime;
 pub mod tensor;
 pub mod tokenizer;
 pub mod weights;

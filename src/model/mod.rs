@@ -1,6 +1,7 @@
 //! SegVol, written once as ops (DESIGN.md "Layers"): the [`image_encoder`], the host-side
 //! [`prompt_encoder`], the CLIP [`text_encoder`] and the [`mask_decoder`] each build a
-//! [`Program`] per shape key; [`SegVol`] plans, caches and runs them on any backend.
+//! [`Program`] per shape key and return its typed inputs and outputs; [`SegVol`] binds them.
+//! Caching, the arena, staging, CUDA graphs and profiling belong to the [`crate::runtime`].
 //!
 //! The split follows what can be reused: the image embedding of a window is independent of
 //! the prompt (computed once per zoom-out volume and reused by every prompt), and a text
@@ -16,16 +17,21 @@ use crate::backend::{Addr, Backend, Buffer};
 use crate::config::ModelConfig;
 use crate::dtype::{decode_f32, encode_f32, DType};
 use crate::error::{Error, Result};
-use crate::program::exec::{self, WeightTable};
+use crate::program::exec::WeightTable;
 use crate::program::planner::{self, Plan};
 use crate::program::{Program, TensorId, TensorKind};
+use crate::runtime::{Lane, Runtime};
 use crate::tensor::HostTensor;
 use crate::tokenizer::TextTokenizer;
-use mask_decoder::DecoderKey;
+use image_encoder::EncoderIo;
+use mask_decoder::{DecoderIo, DecoderKey};
 use parking_lot::Mutex;
 use prompt_encoder::{PromptEncoder, TokenKind};
 use std::collections::HashMap;
 use std::sync::Arc;
+use text_encoder::TextIo;
+
+pub use crate::runtime::{OpTiming, RuntimeStats};
 
 /// Key of the load-time dense positional encoding `(N, C)` in the weights region.
 pub const DENSE_PE_KEY: &str = "derived.dense_pe";
@@ -90,16 +96,6 @@ impl ImageEmbedding {
     }
 }
 
-/// One op's measured time (`SegVol::profile`).
-#[derive(Clone, Debug)]
-pub struct OpTiming {
-    pub program: String,
-    pub label: String,
-    pub kind: &'static str,
-    pub seconds: f64,
-    pub flops: f64,
-}
-
 /// One prompt made ready for the decoder: the token rows, their kinds, and the text.
 struct DecoderInput {
     tokens: Vec<f32>,
@@ -124,39 +120,29 @@ enum ProgramKey {
     Decoder { key: DecoderKey, stages: bool },
 }
 
-struct Compiled {
-    key: ProgramKey,
-    program: Program,
-    plan: Plan,
-    /// External tensors by name.
-    io: HashMap<String, TensorId>,
+/// The typed inputs and outputs of each kind of program.
+enum Io {
+    Encoder(EncoderIo),
+    Text(TextIo),
+    Decoder(DecoderIo),
 }
 
-impl Compiled {
-    fn new(key: ProgramKey, program: Program) -> Result<Self> {
-        let plan = planner::plan(&program)?;
-        let io = program
-            .tensors
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.kind == TensorKind::External)
-            .map(|(i, t)| (t.name.clone(), TensorId(i as u32)))
-            .collect();
-        Ok(Compiled {
-            key,
-            program,
-            plan,
-            io,
-        })
-    }
-    fn ext(&self, name: &str) -> Result<TensorId> {
-        self.io.get(name).copied().ok_or_else(|| {
-            Error::Internal(format!(
-                "program {} has no tensor `{name}`",
-                self.program.name
-            ))
-        })
-    }
+type Compiled = crate::runtime::Compiled<ProgramKey, Io>;
+
+/// A program's typed IO of the expected kind; anything else is a bug of the key → builder map.
+macro_rules! io_of {
+    ($c:expr, $kind:ident) => {
+        match &$c.io {
+            Io::$kind(io) => *io,
+            _ => {
+                return Err(Error::Internal(format!(
+                    "program {} is not a {} program",
+                    $c.program.name,
+                    stringify!($kind)
+                )))
+            }
+        }
+    };
 }
 
 /// Weights on the device: one region (or, on host-addressable f32 backends, the
@@ -249,33 +235,6 @@ impl DeviceWeights {
     }
 }
 
-struct RunState {
-    programs: HashMap<ProgramKey, Arc<Compiled>>,
-    arena: Option<Buffer>,
-    staging: Option<Buffer>,
-    /// Captured graphs by binding, and how often each binding has run.
-    graphs: HashMap<GraphKey, Box<dyn crate::backend::kernel::DeviceGraph>>,
-    seen: HashMap<GraphKey, u32>,
-    /// Bindings whose capture failed: they run eagerly from then on, without another try.
-    uncapturable: std::collections::HashSet<GraphKey>,
-}
-
-/// A program bound to concrete addresses: what a captured graph replays.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct GraphKey {
-    program: ProgramKey,
-    arena: Addr,
-    externals: Vec<Addr>,
-}
-
-/// Graphs kept per model before the cache is emptied.
-const MAX_GRAPHS: usize = 64;
-
-/// CUDA graphs are on unless `SEGVOL_CUDA_GRAPHS=0` (for debugging a kernel eagerly).
-fn graphs_enabled() -> bool {
-    std::env::var("SEGVOL_CUDA_GRAPHS").map_or(true, |v| v != "0")
-}
-
 /// A loaded SegVol model on one backend.
 pub struct SegVol {
     cfg: ModelConfig,
@@ -290,7 +249,7 @@ pub struct SegVol {
     dense_pe: Vec<f32>,
     tokenizer: TextTokenizer,
     texts: Mutex<HashMap<String, Arc<TextEmbedding>>>,
-    state: Mutex<RunState>,
+    runtime: Runtime<ProgramKey, Io>,
 }
 
 impl SegVol {
@@ -360,7 +319,6 @@ impl SegVol {
         };
         Ok(SegVol {
             cfg,
-            backend,
             text_backend,
             host,
             weights,
@@ -369,14 +327,8 @@ impl SegVol {
             dense_pe,
             tokenizer,
             texts: Mutex::new(HashMap::new()),
-            state: Mutex::new(RunState {
-                programs: HashMap::new(),
-                arena: None,
-                staging: None,
-                graphs: HashMap::new(),
-                seen: HashMap::new(),
-                uncapturable: Default::default(),
-            }),
+            runtime: Runtime::new(backend.clone()),
+            backend,
         })
     }
 
@@ -409,124 +361,51 @@ impl SegVol {
         &self.weights
     }
 
+    /// The program of `key`, built once ([`Runtime::program`]).
     fn compiled(&self, key: ProgramKey) -> Result<Arc<Compiled>> {
-        let mut st = self.state.lock();
-        if let Some(c) = st.programs.get(&key) {
-            return Ok(c.clone());
-        }
         let dtype = self.backend.dtype();
-        let program = match key {
+        self.runtime.program(key, || match key {
             ProgramKey::Encoder { batch, stages } => {
-                image_encoder::build(&self.cfg, batch, dtype, stages).0
+                let (p, io) = image_encoder::build(&self.cfg, batch, dtype, stages);
+                (p, Io::Encoder(io))
             }
             ProgramKey::Text { len, eos } => {
-                text_encoder::build(&self.cfg, len, eos, self.text_backend.dtype()).0
+                let (p, io) = text_encoder::build(&self.cfg, len, eos, self.text_backend.dtype());
+                (p, Io::Text(io))
             }
             ProgramKey::Decoder { key, stages } => {
-                mask_decoder::build(&self.cfg, key, dtype, stages).0
+                let (p, io) = mask_decoder::build(&self.cfg, key, dtype, stages);
+                (p, Io::Decoder(io))
             }
-        };
-        let c = Arc::new(Compiled::new(key, program)?);
-        st.programs.insert(key, c.clone());
-        Ok(c)
+        })
     }
 
-    /// Runs a compiled program with the given external bindings, growing the arena if needed.
-    fn run(&self, c: &Compiled, externals: &[(&str, Addr)]) -> Result<()> {
-        let mut st = self.state.lock();
-        let need = c.plan.arena_bytes.max(1);
-        if st.arena.as_ref().is_none_or(|a| a.len() < need) {
-            // Free the old arena (and the graphs that point into it) before growing.
-            st.graphs.clear();
-            st.arena = None;
-            st.arena = Some(self.backend.alloc(need)?);
-        }
-        let arena = st.arena.as_ref().unwrap().addr();
-        let ext: Vec<(TensorId, Addr)> = externals
-            .iter()
-            .map(|(name, a)| Ok((c.ext(name)?, *a)))
-            .collect::<Result<_>>()?;
-        let backend = self.backend_of(c);
-        backend.range_push(&c.program.name);
-        let result = self.run_bound(&mut st, c, arena, &ext);
-        backend.range_pop();
-        result
-    }
-
-    /// The backend a program runs on: the text tower on the f32 twin.
-    fn backend_of(&self, c: &Compiled) -> &dyn Backend {
-        match c.key {
-            ProgramKey::Text { .. } => self.text_backend.as_ref(),
-            _ => self.backend.as_ref(),
-        }
-    }
-
-    /// The weights region a program reads.
-    fn weights_of(&self, c: &Compiled) -> &DeviceWeights {
+    /// Where a program runs: the text tower on the f32 twin with its own weights, the rest on
+    /// the model's backend.
+    fn lane(&self, c: &Compiled) -> Lane<'_> {
         match (c.key, &self.text_weights) {
-            (ProgramKey::Text { .. }, Some(w)) => w,
-            _ => &self.weights,
+            (ProgramKey::Text { .. }, Some(w)) => Lane {
+                backend: self.text_backend.as_ref(),
+                weights: w,
+            },
+            (ProgramKey::Text { .. }, None) => Lane {
+                backend: self.text_backend.as_ref(),
+                weights: &self.weights,
+            },
+            _ => Lane {
+                backend: self.backend.as_ref(),
+                weights: &self.weights,
+            },
         }
     }
 
-    /// Runs a program on bound addresses: replays its graph if one was captured for exactly
-    /// these addresses, captures one the second time the same binding runs (CUDA graphs remove
-    /// the per-launch overhead; one-off bindings are not worth capturing), else runs the ops.
-    fn run_bound(
-        &self,
-        st: &mut RunState,
-        c: &Compiled,
-        arena: Addr,
-        ext: &[(TensorId, Addr)],
-    ) -> Result<()> {
-        let (backend, weights) = (self.backend_of(c), self.weights_of(c));
-        let key = GraphKey {
-            program: c.key,
-            arena,
-            externals: ext.iter().map(|e| e.1).collect(),
-        };
-        if let Some(g) = st.graphs.get(&key) {
-            // SAFETY: the graph was recorded for exactly these live buffers.
-            return unsafe { g.launch() };
-        }
-        let bound = exec::bind(&c.program, &c.plan, arena, weights, ext)?;
-        if st.seen.len() > 1024 {
-            st.seen.clear();
-        }
-        if st.uncapturable.len() > 1024 {
-            st.uncapturable.clear();
-        }
-        let seen = st.seen.entry(key.clone()).or_insert(0);
-        *seen += 1;
-        if *seen >= 2 && graphs_enabled() && !st.uncapturable.contains(&key) {
-            // SAFETY (issue): as below; the capture only records.
-            match backend.capture(&mut || unsafe { exec::run(backend, &bound) }) {
-                Ok(Some(g)) => {
-                    // SAFETY: recorded for these live buffers.
-                    unsafe { g.launch()? };
-                    if st.graphs.len() >= MAX_GRAPHS {
-                        st.graphs.clear();
-                    }
-                    st.graphs.insert(key, g);
-                    return Ok(());
-                }
-                Ok(None) => {}
-                // A capture only records, so nothing of the failed one ran: running the ops
-                // eagerly below gives the same result. Graphs are an optimisation, so this
-                // binding stays eager rather than failing the call or retrying every time.
-                Err(e) => {
-                    eprintln!(
-                        "note: {}: graph capture of `{}` failed, running it without a graph: {e}",
-                        backend.name(),
-                        c.program.name
-                    );
-                    st.uncapturable.insert(key);
-                }
-            }
-        }
-        // SAFETY: the arena, the weights and the caller's buffers are live allocations of this
-        // backend, and `bind` checked every operand against its tensor's extent.
-        unsafe { exec::run(backend, &bound) }
+    fn run(&self, c: &Compiled, ext: &[(TensorId, Addr)]) -> Result<()> {
+        self.runtime.run(c, self.lane(c), ext)
+    }
+
+    /// Programs built, arena allocations and graph captures so far.
+    pub fn runtime_stats(&self) -> RuntimeStats {
+        self.runtime.stats()
     }
 
     fn upload_f32(&self, data: &[f32], dtype: DType) -> Result<Buffer> {
@@ -542,6 +421,11 @@ impl SegVol {
         // SAFETY: callers pass an address inside a live buffer holding `n` values of `dtype`.
         unsafe { self.backend.download(addr, &mut bytes)? };
         Ok(decode_f32(&bytes, dtype))
+    }
+
+    /// Tokens of a category name through the template (spec §3): what sizes its text program.
+    pub fn token_count(&self, text: &str) -> Result<usize> {
+        Ok(self.tokenizer.encode(text)?.ids.len())
     }
 
     /// The text embedding of a category name (spec §3), cached per string.
@@ -565,12 +449,13 @@ impl SegVol {
         let (w, dim) = (self.cfg.text.hidden, self.cfg.decoder.dim);
         let out = self.backend.alloc((w + dim) * dtype.size())?;
         let emb_addr = out.at(w * dtype.size());
+        let io = io_of!(c, Text);
         self.run(
             &c,
             &[
-                ("input_ids", ids_buf.addr()),
-                ("text_pooled", out.addr()),
-                ("text_embedding", emb_addr),
+                (io.ids, ids_buf.addr()),
+                (io.pooled, out.addr()),
+                (io.embedding, emb_addr),
             ],
         )?;
         let pooled = self.download_f32(out.addr(), w, dtype)?;
@@ -591,7 +476,8 @@ impl SegVol {
             batch,
             stages: false,
         })?;
-        self.run(&c, &[("image", images), ("image_embedding", out)])
+        let io = io_of!(c, Encoder);
+        self.run(&c, &[(io.image, images), (io.embedding, out)])
     }
 
     /// Bytes of the image tokens of one window.
@@ -687,14 +573,15 @@ impl SegVol {
                         .flat_map(|&i| built[i].text.as_ref().unwrap().embedding.iter().copied()),
                 );
             }
-            let staging = self.stage(&encode_f32(&host, dtype))?;
+            let staging = self.runtime.stage(&encode_f32(&host, dtype))?;
+            let io = io_of!(c, Decoder);
             let mut ext = vec![
-                ("image_embedding", emb + g[0] as u64 * emb_bytes),
-                ("tokens", staging),
-                ("logits", logits + g[0] as u64 * win_bytes),
+                (io.image_embedding, emb + g[0] as u64 * emb_bytes),
+                (io.tokens, staging),
+                (io.logits, logits + g[0] as u64 * win_bytes),
             ];
-            if key.text {
-                ext.push(("text_embedding", staging + (tok_len * dtype.size()) as u64));
+            if let Some(t) = io.text_embedding {
+                ext.push((t, staging + (tok_len * dtype.size()) as u64));
             }
             self.run(&c, &ext)?;
         }
@@ -719,7 +606,12 @@ impl SegVol {
             batch,
             stages: false,
         })?;
-        out.extend(self.run_profiled(&enc, &[("image", images), ("image_embedding", emb.addr())])?);
+        let eio = io_of!(enc, Encoder);
+        out.extend(self.runtime.run_profiled(
+            &enc,
+            self.lane(&enc),
+            &[(eio.image, images), (eio.embedding, emb.addr())],
+        )?);
         let input = self.tokens(prompt)?;
         let key = DecoderKey {
             batch,
@@ -738,76 +630,27 @@ impl SegVol {
             }
         }
         let staging = self.upload_f32(&host, dtype)?;
+        let dio = io_of!(dec, Decoder);
         let mut ext = vec![
-            ("image_embedding", emb.addr()),
-            ("tokens", staging.addr()),
-            ("logits", logits.addr()),
+            (dio.image_embedding, emb.addr()),
+            (dio.tokens, staging.addr()),
+            (dio.logits, logits.addr()),
         ];
-        if key.text {
-            ext.push((
-                "text_embedding",
-                staging.addr() + (tok_len * dtype.size()) as u64,
-            ));
+        if let Some(t) = dio.text_embedding {
+            ext.push((t, staging.addr() + (tok_len * dtype.size()) as u64));
         }
-        out.extend(self.run_profiled(&dec, &ext)?);
+        out.extend(self.runtime.run_profiled(&dec, self.lane(&dec), &ext)?);
         Ok(out)
-    }
-
-    fn run_profiled(&self, c: &Compiled, externals: &[(&str, Addr)]) -> Result<Vec<OpTiming>> {
-        self.reserve_arena(c.plan.arena_bytes)?;
-        let st = self.state.lock();
-        let arena = st.arena.as_ref().unwrap().addr();
-        let ext: Vec<(TensorId, Addr)> = externals
-            .iter()
-            .map(|(name, a)| Ok((c.ext(name)?, *a)))
-            .collect::<Result<_>>()?;
-        let bound = exec::bind(&c.program, &c.plan, arena, &self.weights, &ext)?;
-        // SAFETY: as in `run`.
-        let times = unsafe { exec::run_timed(self.backend.as_ref(), &bound)? };
-        Ok(c.program
-            .steps
-            .iter()
-            .zip(times)
-            .map(|(s, t)| OpTiming {
-                program: c.program.name.clone(),
-                label: s.label.clone(),
-                kind: s.op.kind(),
-                seconds: t.as_secs_f64(),
-                flops: s.op.flops(),
-            })
-            .collect())
-    }
-
-    /// Uploads small per-call inputs (decoder tokens, text embeddings) into a staging buffer
-    /// that is kept and grown, so steady-state calls allocate nothing.
-    fn stage(&self, bytes: &[u8]) -> Result<Addr> {
-        let mut st = self.state.lock();
-        if st.staging.as_ref().is_none_or(|b| b.len() < bytes.len()) {
-            st.staging = None;
-            st.staging = Some(
-                self.backend
-                    .alloc(bytes.len().next_power_of_two().max(4096))?,
-            );
-        }
-        let addr = st.staging.as_ref().unwrap().addr();
-        // SAFETY: the staging buffer holds at least `bytes.len()` bytes.
-        unsafe { self.backend.upload(addr, bytes)? };
-        Ok(addr)
     }
 
     /// Bytes of the arena now held.
     pub fn arena_bytes(&self) -> usize {
-        self.state.lock().arena.as_ref().map_or(0, |a| a.len())
+        self.runtime.arena_bytes()
     }
 
     /// Makes sure the arena holds at least `bytes`, so that later calls allocate nothing.
     pub fn reserve_arena(&self, bytes: usize) -> Result<()> {
-        let mut st = self.state.lock();
-        if st.arena.as_ref().is_none_or(|a| a.len() < bytes) {
-            st.arena = None;
-            st.arena = Some(self.backend.alloc(bytes.max(1))?);
-        }
-        Ok(())
+        self.runtime.reserve_arena(bytes)
     }
 
     /// One whole model call on a host window `(D, H, W)` in [0, 1] (`segvol window`). With
@@ -870,13 +713,17 @@ impl SegVol {
         })?;
         let step = self.embedding_bytes();
         let buf = self.backend.alloc(3 * step)?;
+        let io = io_of!(c, Encoder);
+        let (patch, block0) = io
+            .stages
+            .ok_or_else(|| Error::Internal("the stages encoder has no stage outputs".into()))?;
         self.run(
             &c,
             &[
-                ("image", image),
-                ("image_embedding", buf.addr()),
-                ("patch_embedding", buf.at(step)),
-                ("vit_block0", buf.at(2 * step)),
+                (io.image, image),
+                (io.embedding, buf.addr()),
+                (patch, buf.at(step)),
+                (block0, buf.at(2 * step)),
             ],
         )?;
         for (i, name) in [(1, "patch_embedding"), (2, "vit_block0")] {
@@ -946,14 +793,18 @@ impl SegVol {
             .as_ref()
             .map(|te| self.upload_f32(&te.embedding, dtype))
             .transpose()?;
+        let io = io_of!(c, Decoder);
+        let stage_ids = io
+            .stages
+            .ok_or_else(|| Error::Internal("the stages decoder has no stage outputs".into()))?;
         let mut ext = vec![
-            ("image_embedding", emb),
-            ("tokens", tok_buf.addr()),
-            ("logits", logits),
+            (io.image_embedding, emb),
+            (io.tokens, tok_buf.addr()),
+            (io.logits, logits),
         ];
-        ext.extend(names.iter().zip(&offs).map(|(n, &a)| (*n, a)));
-        if let Some(tb) = &text_buf {
-            ext.push(("text_embedding", tb.addr()));
+        ext.extend(stage_ids.iter().zip(&offs).map(|(&t, &a)| (t, a)));
+        if let (Some(t), Some(tb)) = (io.text_embedding, &text_buf) {
+            ext.push((t, tb.addr()));
         }
         self.run(&c, &ext)?;
         if let Some(te) = &input.text {
