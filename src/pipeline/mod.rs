@@ -163,6 +163,11 @@ pub struct VolumeOutcome {
     pub preprocess_seconds: f64,
     /// Encoding the zoom-out window (shared by all prompts).
     pub zoom_out_encode_seconds: f64,
+    /// The model arena the plan reserved before the first launch, and the volume region.
+    pub arena_bytes: usize,
+    pub volume_region_bytes: usize,
+    /// Times the arena had to grow after the plan reserved it: 0 unless the plan is wrong.
+    pub arena_growths: usize,
 }
 
 impl VolumeOutcome {
@@ -255,13 +260,12 @@ pub fn segment(
             })
             .map(|free| (free + held).saturating_sub(MEMORY_MARGIN))
     });
-    let host = plan::HostBuffers {
-        prompts: prompts.len(),
-        shares_budget: host_device,
-    };
+    // The real prompts size the arena: nothing grows once the first launch is made.
+    let host = plan::Request::for_prompts(prompts, host_device, |t| model.token_count(t))?;
     let batch = if opts.zoom_in { opts.batch } else { 1 };
     let plan = VolumePlan::fit(cfg, b.dtype(), dims, batch, limit, host)?;
     model.reserve_arena(plan.call.arena_bytes)?;
+    let arena_allocations = model.runtime_stats().arena_allocations;
     let region = b.alloc(plan.volume_bytes)?;
     let at = |x: Buf| region.at(plan.offset(x));
 
@@ -322,6 +326,9 @@ pub fn segment(
         prompts: outcomes,
         preprocess_seconds,
         zoom_out_encode_seconds,
+        arena_bytes: model.arena_bytes(),
+        volume_region_bytes: plan.volume_bytes,
+        arena_growths: model.runtime_stats().arena_allocations - arena_allocations,
     })
 }
 

@@ -112,22 +112,59 @@ pub fn check_batch(batch: usize) -> Result<()> {
     Ok(())
 }
 
-/// The host-side buffers of a run besides the device region (spec §6: what the CLI holds).
+/// What a plan must know of the request beyond the volume's dims: how many prompts keep
+/// host buffers, and the largest prompt the model will see, which sizes the arena. Sized from
+/// the real prompts ([`Request::for_prompts`]), the arena is fixed before the first launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HostBuffers {
+pub struct Request {
     /// Prompts of the volume: each keeps its logits and mask on the host until the write.
     pub prompts: usize,
     /// The device's memory is the host's (cpu, emu): the device region, weights and arena and
     /// these host buffers share one budget.
     pub shares_budget: bool,
+    /// The most sparse tokens of any decoder call (points, pad point, box corners, text).
+    pub sparse_tokens: usize,
+    /// The longest tokenized text (0: no text prompt).
+    pub text_tokens: usize,
 }
 
-impl Default for HostBuffers {
+impl Default for Request {
+    /// When the prompts are not known (`segvol plan` without prompt flags): one prompt with a
+    /// box and a text of the template's typical length.
     fn default() -> Self {
-        HostBuffers {
+        Request {
             prompts: 1,
             shares_budget: false,
+            sparse_tokens: PLAN_SPARSE,
+            text_tokens: PLAN_TEXT_LEN,
         }
+    }
+}
+
+impl Request {
+    /// The request of `prompts`, with `token_count` giving a text's tokenized length.
+    /// Sparse tokens bound every call of the pipeline (spec §2.2-§2.4, §6.5): a prompt's
+    /// points (the zoom-in sends a subset), two box corners (the zoom-in adds the window's
+    /// box; without a box the single pad point is fewer), one text token.
+    pub fn for_prompts(
+        prompts: &[super::UserPrompt],
+        shares_budget: bool,
+        mut token_count: impl FnMut(&str) -> Result<usize>,
+    ) -> Result<Self> {
+        let mut sparse_tokens = 1;
+        let mut text_tokens = 0;
+        for p in prompts {
+            sparse_tokens = sparse_tokens.max(p.points.len() + 2 + p.text.is_some() as usize);
+            if let Some(t) = &p.text {
+                text_tokens = text_tokens.max(token_count(t)?);
+            }
+        }
+        Ok(Request {
+            prompts: prompts.len().max(1),
+            shares_budget,
+            sparse_tokens,
+            text_tokens,
+        })
     }
 }
 
@@ -152,7 +189,7 @@ pub struct VolumePlan {
     /// The host buffers (the read volume, per-prompt logits and masks, the output).
     pub host: Vec<HostBuffer>,
     pub host_bytes: usize,
-    pub host_spec: HostBuffers,
+    pub request: Request,
 }
 
 /// Prompt shape assumed for planning: a box and a text of the template's typical length.
@@ -192,7 +229,7 @@ impl VolumePlan {
     /// Plans a volume of model-frame dims (D, H, W) with windows in batches of `batch`, one
     /// prompt, the device apart from the host.
     pub fn new(cfg: &ModelConfig, dtype: DType, dims: [usize; 3], batch: usize) -> Result<Self> {
-        Self::with_host(cfg, dtype, dims, batch, HostBuffers::default())
+        Self::with_host(cfg, dtype, dims, batch, Request::default())
     }
 
     /// [`VolumePlan::new`] with `host` prompts and budget sharing.
@@ -201,7 +238,7 @@ impl VolumePlan {
         dtype: DType,
         dims: [usize; 3],
         batch: usize,
-        host: HostBuffers,
+        host: Request,
     ) -> Result<Self> {
         check_batch(batch)?;
         let sz = Sizes(dims);
@@ -269,7 +306,7 @@ impl VolumePlan {
             },
         ];
         let host_bytes = sz.sum(&host_bufs.iter().map(|h| h.bytes).collect::<Vec<_>>())?;
-        let call = CallPlan::new(cfg, dtype, batch, PLAN_SPARSE, PLAN_TEXT_LEN)?;
+        let call = CallPlan::new(cfg, dtype, batch, host.sparse_tokens, host.text_tokens)?;
         let plan = VolumePlan {
             dims,
             batch,
@@ -279,7 +316,7 @@ impl VolumePlan {
             volume_bytes,
             host: host_bufs,
             host_bytes,
-            host_spec: host,
+            request: host,
         };
         sz.sum(&[plan.total_bytes(), plan.host_bytes])?;
         Ok(plan)
@@ -313,7 +350,7 @@ impl VolumePlan {
         dims: [usize; 3],
         max_batch: usize,
         limit: Option<usize>,
-        host: HostBuffers,
+        host: Request,
     ) -> Result<Self> {
         check_batch(max_batch)?;
         Sizes(dims).mul(&dims)?;
@@ -352,7 +389,7 @@ impl VolumePlan {
 
     /// What the budget is held to: the device total, plus the host buffers when they share it.
     pub fn budget_bytes(&self) -> usize {
-        if self.host_spec.shares_budget {
+        if self.request.shares_budget {
             self.total_bytes() + self.host_bytes
         } else {
             self.total_bytes()
@@ -447,7 +484,7 @@ mod tests {
         let dims = [300, 512, 512];
         let p8 = VolumePlan::new(&cfg, DType::BF16, dims, 8).unwrap();
         let p4 = VolumePlan::new(&cfg, DType::BF16, dims, 4).unwrap();
-        let h = HostBuffers::default();
+        let h = Request::default();
         let fitted =
             VolumePlan::fit(&cfg, DType::BF16, dims, 8, Some(p4.total_bytes() + 1), h).unwrap();
         assert_eq!(fitted.batch, 4);
@@ -469,7 +506,7 @@ mod tests {
     #[test]
     fn plan_arithmetic_is_checked_and_batches_bounded() {
         let cfg = ModelConfig::full();
-        let h = HostBuffers::default();
+        let h = Request::default();
         // 2^32 voxels along one axis plans (not wrapped to 0 bytes).
         let p = VolumePlan::fit(&cfg, DType::BF16, [1, 1, 1 << 32], 1, None, h).unwrap();
         assert!(p.volume_bytes >= 5 << 34 && p.host_bytes >= 6 << 32);
@@ -516,13 +553,14 @@ mod tests {
     fn host_buffers_share_a_host_budget() {
         let cfg = ModelConfig::full();
         let dims = [400, 512, 512];
-        let apart = HostBuffers {
+        let apart = Request {
             prompts: 8,
-            shares_budget: false,
+            ..Request::default()
         };
-        let shared = HostBuffers {
+        let shared = Request {
             prompts: 8,
             shares_budget: true,
+            ..Request::default()
         };
         let p = VolumePlan::with_host(&cfg, DType::F32, dims, 1, shared).unwrap();
         // 8 prompts: at least the volume, 8 x (logits + mask) and the output on the host.

@@ -5,7 +5,7 @@
 use crate::{config_by_name, DeviceArgs};
 use clap::Args;
 use segvol::error::{Error, Result};
-use segvol::pipeline::plan::{check_batch, human, parse_size, HostBuffers, VolumePlan, STAGES};
+use segvol::pipeline::plan::{check_batch, human, parse_size, Request, VolumePlan, STAGES};
 use segvol::program::TensorKind;
 use segvol::DType;
 use std::path::PathBuf;
@@ -28,8 +28,15 @@ pub struct PlanArgs {
     #[arg(long)]
     mem_limit: Option<String>,
     /// With --shape: prompts per volume (each keeps its logits and mask on the host).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, conflicts_with = "text")]
     prompts: usize,
+    /// With --shape: the request's texts, one prompt each (as `segment --text`): their token
+    /// counts size the text program, so the plan is the run's.
+    #[arg(long)]
+    text: Vec<String>,
+    /// With --shape: points per prompt (as `segment --point`, counted, not placed).
+    #[arg(long, default_value_t = 0)]
+    points: usize,
     #[command(flatten)]
     device: DeviceArgs,
     /// Only the per-program summary, not every activation.
@@ -72,10 +79,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         Some(shape) => {
             let xyz = parse_shape(shape)?;
             // Model frame (D, H, W) = file (Z, Y, X), spec §6.1.
-            let host = HostBuffers {
-                prompts: a.prompts,
-                shares_budget: spec.is_host(),
-            };
+            let host = request(&a, &cfg, spec.is_host())?;
             let plan =
                 VolumePlan::fit(&cfg, dtype, [xyz[2], xyz[1], xyz[0]], a.batch, limit, host)?;
             let windows = VolumePlan::max_windows(&cfg, plan.dims);
@@ -97,6 +101,56 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The request `segment` would make with these prompt flags: each text (or `--prompts`
+/// prompts without text) with a box and `--points` points, tokenized by the model's
+/// tokenizer (or the bundled one).
+fn request(a: &PlanArgs, cfg: &segvol::ModelConfig, shares_budget: bool) -> Result<Request> {
+    if a.text.is_empty() && a.points == 0 {
+        return Ok(Request {
+            prompts: a.prompts,
+            shares_budget,
+            ..Request::default()
+        });
+    }
+    // A plan of more clicks than anyone gives is refused rather than allocated.
+    const MAX_POINTS: usize = 4096;
+    if a.points > MAX_POINTS {
+        return Err(Error::Usage(format!(
+            "--points {}: at most {MAX_POINTS} points per prompt",
+            a.points
+        )));
+    }
+    let texts: Vec<Option<String>> = if a.text.is_empty() {
+        vec![None; a.prompts.max(1)]
+    } else {
+        a.text.iter().cloned().map(Some).collect()
+    };
+    let prompts: Vec<segvol::pipeline::UserPrompt> = texts
+        .into_iter()
+        .map(|text| segvol::pipeline::UserPrompt {
+            text,
+            bbox: Some([0; 6]),
+            points: vec![[0; 3]; a.points],
+            positive: vec![true; a.points],
+        })
+        .collect();
+    let tok_dir = a.model.as_deref().map(|m| {
+        if m.is_dir() {
+            m
+        } else {
+            m.parent().unwrap_or(m)
+        }
+    });
+    let tokenizer = segvol::tokenizer::TextTokenizer::for_model_dir(
+        tok_dir,
+        &cfg.text_template,
+        cfg.text.max_positions,
+    )?;
+    Request::for_prompts(&prompts, shares_budget, |t| {
+        Ok(tokenizer.encode(t)?.ids.len())
+    })
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 3]> {
@@ -206,7 +260,7 @@ fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>, window
         "  device total                         {:>12}",
         human(plan.total_bytes())
     );
-    let p = plan.host_spec.prompts;
+    let p = plan.request.prompts;
     println!(
         "  host buffer ({p} prompt{})",
         if p == 1 { "" } else { "s" }
@@ -225,7 +279,7 @@ fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>, window
     println!(
         "  held to the budget                   {:>12}  ({})",
         human(plan.budget_bytes()),
-        if plan.host_spec.shares_budget {
+        if plan.request.shares_budget {
             "host device: device and host buffers share it"
         } else {
             "the device's; host buffers apart"

@@ -645,6 +645,7 @@ fn report(
             "mean_above": out.norm.stats.mean, "std_above": out.norm.stats.std,
         },
         "window_batch": out.batch,
+        "memory": {"arena_bytes": out.arena_bytes, "volume_region_bytes": out.volume_region_bytes, "arena_growths": out.arena_growths},
         "labels": labels,
         "prompts": prompts,
         "seconds": {"read": vol.read_seconds, "preprocess": out.preprocess_seconds, "zoom_out": zoom_out, "zoom_in": zoom_in, "write": write_s, "total": total_s},
