@@ -322,5 +322,11 @@ if a.ct:
                     "max|diff|")
             ref = load_file(os.path.join(a.check, "pipeline-text.safetensors"))["final_logits"]
             verdict("pipeline-text final_logits", rel(logits, ref), 2e-3)
+            mine, theirs = logits.float().cpu() > 0, ref.float() > 0
+            dice = 2 * (mine & theirs).sum().item() / max(1, mine.sum().item() + theirs.sum().item())
+            good = dice >= 0.999
+            ok &= good
+            print(f"check pipeline-text mask: Dice {dice:.6f} ({'ok' if good else 'FAIL'}, at least 0.999; "
+                  f"{int(mine.sum())} voxels, reference {int(theirs.sum())})", flush=True)
         del image, image_zoom_out, logits
 sys.exit(0 if ok else 1)
