@@ -236,7 +236,7 @@ for b in [int(x) for x in a.batches.split(",") if x]:
     for prec in precisions:
         times = []
         with torch.no_grad(), autocast(prec):
-            for i in range(1 + a.iters):
+            for i in range(1 + max(1, a.iters)):
                 sync()
                 t0 = time.perf_counter()
                 model(img, text=[a.text] * b)
