@@ -152,7 +152,7 @@ sd = {flat[k] if k not in own and flat[k] in own else k: v for k, v in sd.items(
 missing, unexpected = model.load_state_dict(sd, strict=False)
 # position_ids is a non-persistent buffer in newer transformers (the file keeps it, as the release).
 unexpected = [k for k in unexpected if not k.endswith("embeddings.position_ids")]
-# MONAI >= 1.3's TransformerBlock always builds a cross-attention (and its norm) that its forward
+# Newer MONAI (1.4 here): TransformerBlock always builds a cross-attention (and its norm) that its forward
 # runs only with with_cross_attention=True; the ViT here has none, and MONAI 0.9 had no such keys.
 unused = [k for k in missing if k.startswith("image_encoder.blocks.") and (".cross_attn." in k or ".norm_cross_attn." in k)]
 missing = [k for k in missing if k not in unused]
