@@ -64,7 +64,7 @@ import transformers  # noqa: E402
 print(f"versions: monai {monai.__version__}, transformers {transformers.__version__}", flush=True)
 
 # The official code was written for MONAI 0.9, where ViT's `pos_embed` named the patch projection;
-# MONAI 1.2 renamed it `proj_type` and 1.4 removed the old name. Map it, as 1.2-1.3 did.
+# later MONAI renamed it `proj_type`, and 1.4 no longer takes the old name: map it (same layer).
 _ViT = monai.networks.nets.ViT
 if "pos_embed" not in _ViT.__init__.__code__.co_varnames:
     class ViT(_ViT):
