@@ -318,6 +318,11 @@ device() {
                 "$(awk -v a="$ours" -v b="$theirs" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }')")")
         done
     done
+    # The whole pipeline on the 512x512x20 CT (read to mask): segvol's --json total vs the official one.
+    ours=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["seconds"]["total"])' "$LOGS/pipeline-graphs.json" 2>/dev/null)
+    theirs=$(awk 'index($0, "pipeline bf16 ") == 1 { print $NF }' "$LOGS/baseline.log" 2>/dev/null)
+    TABLE+=("$(printf '%-26s %10s %10s %8s' "pipeline bf16 512x512x20" "${ours:--}" "${theirs:--}" \
+        "$(awk -v a="$ours" -v b="$theirs" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }')")")
     TABLE+=("graph checksum: $graph; tests failed: ${#FAILED_TESTS[@]} (${FAILED_TESTS[*]:-none})")
     finish $FAILED
 }
