@@ -4,8 +4,10 @@
 //! ops on a [`program::Program`], run by a [`backend::Backend`] (CPU reference, the CUDA kernels
 //! through a host emulator, or CUDA), with the official zoom-out-zoom-in [`pipeline`].
 //!
-//! Layers, top to bottom (DESIGN.md): `bin/segvol.rs` (CLI) → [`pipeline`] → [`io`] →
-//! [`model`] → [`program`] → [`backend`] → `kernels/`.
+//! Layers, top to bottom (docs/architecture.md): `bin/segvol/` (CLI) → [`pipeline`] (with
+//! [`io`] for files and prompts) → [`model`] (programs and typed IO) → [`runtime`] (program
+//! cache, arena, staging, graphs) → [`program`] (ops, plans, binding) → [`backend`] →
+//! `kernels/`. The pipeline still calls the backend directly for its volume ops (issue 11).
 
 pub mod backend;
 pub mod config;
