@@ -492,7 +492,7 @@ fn triple(v: &Value, name: &str, path: &Path) -> Result<[usize; 3]> {
 }
 
 /// A short description of a JSON value for error messages.
-pub(crate) fn describe(v: &Value) -> String {
+pub fn describe(v: &Value) -> String {
     let kind = match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -38,6 +38,12 @@ pub struct Coords<const N: usize> {
 }
 
 impl<const N: usize> Coords<N> {
+    /// Coordinates given as numbers; `given` is how messages write them.
+    pub fn new(values: [f64; N]) -> Self {
+        let given = values.map(|v| v.to_string()).join(",");
+        Coords { values, given }
+    }
+
     /// Parses `N` comma-separated finite numbers; `field` names the prompt in errors.
     pub fn parse(s: &str, field: &str) -> Result<Self> {
         let bad = || {
@@ -79,11 +85,6 @@ impl VolumePrompts {
         negative_points: &[String],
         units: Units,
     ) -> Result<Self> {
-        for t in texts {
-            if t.trim().is_empty() {
-                return Err(Error::Prompt("text is empty".into()));
-            }
-        }
         let bbox = bbox.map(|s| Coords::<6>::parse(s, "box")).transpose()?;
         let mut pts = Vec::new();
         for p in points {
@@ -92,17 +93,30 @@ impl VolumePrompts {
         for p in negative_points {
             pts.push((Coords::<3>::parse(p, "negative point")?, false));
         }
-        if texts.is_empty() && bbox.is_none() && pts.is_empty() {
-            return Err(Error::Prompt(
-                "no prompt: give a text, a box or a point".into(),
-            ));
-        }
-        let p = VolumePrompts {
+        VolumePrompts {
             texts: texts.to_vec(),
             bbox,
             points: pts,
             units,
-        };
+        }
+        .checked()
+    }
+
+    /// Checks prompts built from numbers (a JSON request, a library caller) by the rules of
+    /// [`VolumePrompts::parse`].
+    pub fn checked(self) -> Result<Self> {
+        let p = self;
+        for t in &p.texts {
+            if t.trim().is_empty() {
+                return Err(Error::Prompt("text is empty".into()));
+            }
+        }
+        if p.texts.is_empty() && p.bbox.is_none() && p.points.is_empty() {
+            return Err(Error::Prompt(
+                "no prompt: give a text, a box or a point".into(),
+            ));
+        }
+        let units = p.units;
         if units == Units::Voxels {
             if let Some(b) = &p.bbox {
                 check_indices(&b.values, "box", &b.given)?;

@@ -22,7 +22,7 @@ pub mod geometry;
 pub mod plan;
 pub mod preprocess;
 
-use crate::backend::{range, AccumulateArgs, Addr, BBox, Backend, CopyBoxArgs, InterpMode};
+use crate::backend::{range, AccumulateArgs, Addr, BBox, Backend, Buffer, CopyBoxArgs, InterpMode};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{SegVol, WindowPrompt};
@@ -141,6 +141,8 @@ pub struct PromptOutcome {
     pub roi: Option<Roi>,
     /// The sliding windows, in execution order (empty without zoom-in).
     pub windows: Vec<WindowRecord>,
+    /// How many of them reused a session's cached image embedding (no encoder pass).
+    pub cached_windows: usize,
     pub pad_before: [usize; 3],
     pub zoom_out_seconds: f64,
     pub zoom_in_seconds: f64,
@@ -214,7 +216,8 @@ pub type Progress<'a> = dyn FnMut(usize, usize) + 'a;
 
 /// Segments one CT volume with every prompt (spec §6). `volume` is the file's voxel buffer in
 /// file order, which is the model frame `(D, H, W) = (Z, Y, X)` row-major (spec §6.1); `dims`
-/// is `(D, H, W)`.
+/// is `(D, H, W)`. The same as opening a [`Session`] sized for exactly these prompts and
+/// segmenting each in turn.
 pub fn segment(
     model: &SegVol,
     volume: &[f32],
@@ -223,15 +226,6 @@ pub fn segment(
     opts: &Options,
     progress: &mut Progress<'_>,
 ) -> Result<VolumeOutcome> {
-    let b = model.backend().as_ref();
-    let cfg = model.config();
-    let window = cfg.spatial_size;
-    if volume.len() != dims.iter().product::<usize>() || dims.contains(&0) {
-        return Err(Error::Input(format!(
-            "a volume of {} voxels does not match dims {dims:?}",
-            volume.len()
-        )));
-    }
     if prompts.is_empty() {
         return Err(Error::Prompt(
             "no prompt: give a text, a box or a point".into(),
@@ -240,154 +234,244 @@ pub fn segment(
     for p in prompts {
         check_prompt(p, dims)?;
     }
-
-    // Every buffer of the run, known before the first launch, in one allocation. Without a
-    // budget, a device that reports its free memory is held to it (less a margin), counting
-    // what the model already holds.
-    // A host backend (no free-memory report: cpu, emu) is held to the machine's available
-    // memory (MemAvailable, or the cgroup's limit if lower), and there the host buffers of the
-    // run count against the same budget.
-    let host_device = b.free_memory().is_none();
-    let held = model.weights().device_bytes + model.arena_bytes();
-    let limit = opts.mem_limit.or_else(|| {
-        b.free_memory()
-            .or_else(|| {
-                if host_device {
-                    host_available_memory()
-                } else {
-                    None
-                }
-            })
-            .map(|free| (free + held).saturating_sub(MEMORY_MARGIN))
-    });
+    let host_device = model.backend().free_memory().is_none();
     // The real prompts size the arena: nothing grows once the first launch is made.
-    let host = plan::Request::for_prompts(prompts, host_device, |t| model.token_count(t))?;
-    let batch = if opts.zoom_in { opts.batch } else { 1 };
-    let plan = VolumePlan::fit(cfg, b.dtype(), dims, batch, limit, host)?;
-    model.reserve_arena(plan.call.arena_bytes)?;
-    let arena_allocations = model.runtime_stats().arena_allocations;
-    let region = b.alloc(plan.volume_bytes)?;
-    let at = |x: Buf| region.at(plan.offset(x));
-
-    let t0 = Instant::now();
-    let r = range(b, "preprocess");
-    // SAFETY (all device calls below): every address is a buffer of `region` laid out by the
-    // plan for a volume of these dims, whose sizes bound every extent used.
-    let (norm, crop_start, crop_end) = unsafe {
-        b.upload(at(Buf::Volume), bytemuck::cast_slice(volume))?;
-        let norm = preprocess::normalize_on_device(b, at(Buf::Volume), dims)?;
-        let (s, e) = preprocess::foreground_box_on_device(b, at(Buf::Volume), dims)?;
-        preprocess::crop_on_device(b, at(Buf::Volume), dims, s, e, at(Buf::Cropped))?;
-        (norm, s, e)
-    };
-    let cropped_dims = [0, 1, 2].map(|a| crop_end[a] - crop_start[a]);
-    b.synchronize()?;
-    drop(r);
-    let preprocess_seconds = t0.elapsed().as_secs_f64();
-
-    // §6.4: the zoom-out window, encoded once for every prompt.
-    let t0 = Instant::now();
-    let r = range(b, "zoom-out encode");
-    unsafe {
-        preprocess::resize_on_device(
-            b,
-            at(Buf::Cropped),
-            cropped_dims,
-            at(Buf::WindowBatch),
-            window,
-            InterpMode::NearestExact,
-        )?;
-    }
-    model.encode_into(at(Buf::WindowBatch), 1, at(Buf::ZoomOutEmbedding))?;
-    b.synchronize()?;
-    drop(r);
-    let zoom_out_encode_seconds = t0.elapsed().as_secs_f64();
-
-    let ctx = Ctx {
-        model,
-        b,
-        plan: &plan,
-        region_at: &at,
-        cropped_dims,
-        crop_start,
-    };
+    let request = plan::Request::for_prompts(prompts, host_device, |t| model.token_count(t))?;
+    let session = Session::open(model, volume, dims, request, opts)?;
     let mut outcomes = Vec::with_capacity(prompts.len());
     for p in prompts {
-        outcomes.push(ctx.segment_prompt(p, opts, progress)?);
+        outcomes.push(session.segment(p, progress)?);
     }
-    Ok(VolumeOutcome {
-        dims,
-        window,
-        norm,
-        crop_start,
-        crop_end,
-        cropped_dims,
-        batch: plan.batch,
-        prompts: outcomes,
-        preprocess_seconds,
-        zoom_out_encode_seconds,
-        arena_bytes: model.arena_bytes(),
-        volume_region_bytes: plan.volume_bytes,
-        arena_growths: model.runtime_stats().arena_allocations - arena_allocations,
-    })
+    Ok(session.outcome(outcomes))
 }
 
-/// A prompt must lie inside the volume; boxes are `[i0,j0,k0,i1,j1,k1]` with min <= max.
-fn check_prompt(p: &UserPrompt, dims: [usize; 3]) -> Result<()> {
-    let xyz = [dims[2], dims[1], dims[0]];
-    if p.text.is_none() && p.bbox.is_none() && p.points.is_empty() {
-        return Err(Error::Prompt(
-            "an empty prompt: give a text, a box or points".into(),
-        ));
+/// One volume opened for prompting (spec §6.1-§6.4 done once): the normalised volume, its
+/// foreground crop and the zoom-out window's image embedding stay on the device, so each
+/// [`Session::segment`] runs only the prompt's own work (§6.5-§6.9). A prompt's result is the
+/// same whatever was prompted before: the session keeps inputs, never results.
+pub struct Session<'m> {
+    model: &'m SegVol,
+    b: &'m dyn Backend,
+    plan: VolumePlan,
+    region: Buffer,
+    opts: Options,
+    dims: [usize; 3],
+    norm: NormStats,
+    crop_start: [usize; 3],
+    crop_end: [usize; 3],
+    cropped_dims: [usize; 3],
+    preprocess_seconds: f64,
+    zoom_out_encode_seconds: f64,
+    /// Arena allocations when the plan's arena was reserved.
+    arena_allocations: usize,
+    cache: parking_lot::Mutex<EmbeddingCache>,
+}
+
+/// Which zoom-in batch an embedding belongs to: the ROI (which fixes the sliding windows and
+/// the zero padding around it) and the batch's first window and length. The same key means the
+/// same encoder call on the same input bytes, so a hit returns exactly what recomputing would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BatchKey {
+    roi_start: [usize; 3],
+    roi_shape: [usize; 3],
+    first: usize,
+    len: usize,
+}
+
+/// Zoom-in image embeddings of a session, per batch of windows, least recently used evicted
+/// first within `limit` bytes (0: no cache, as for a one-shot `segment`).
+#[derive(Default)]
+struct EmbeddingCache {
+    limit: usize,
+    held: usize,
+    clock: u64,
+    entries: Vec<(BatchKey, Buffer, u64)>,
+}
+
+impl EmbeddingCache {
+    fn get(&mut self, key: &BatchKey) -> Option<Addr> {
+        self.clock += 1;
+        let now = self.clock;
+        self.entries.iter_mut().find(|e| e.0 == *key).map(|e| {
+            e.2 = now;
+            e.1.addr()
+        })
     }
-    if p.points.len() != p.positive.len() {
-        return Err(Error::Prompt(format!(
-            "{} points but {} labels",
-            p.points.len(),
-            p.positive.len()
-        )));
-    }
-    if let Some(bx) = p.bbox {
-        for a in 0..3 {
-            if bx[a] > bx[a + 3] {
-                return Err(Error::Prompt(format!(
-                    "box {bx:?}: min exceeds max on axis {a}"
-                )));
-            }
-            if bx[a + 3] >= xyz[a] {
-                return Err(Error::Prompt(format!(
-                    "box {bx:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
-                    xyz[0], xyz[1], xyz[2]
-                )));
-            }
+
+    /// Room for `bytes` more, evicting the least recently used; false if it can never fit.
+    fn make_room(&mut self, bytes: usize) -> bool {
+        if bytes > self.limit {
+            return false;
         }
+        while self.held + bytes > self.limit {
+            let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].2) else {
+                break;
+            };
+            let (_, buf, _) = self.entries.swap_remove(oldest);
+            self.held -= buf.len();
+        }
+        true
     }
-    for q in &p.points {
-        if (0..3).any(|a| q[a] >= xyz[a]) {
-            return Err(Error::Prompt(format!(
-                "point {q:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
-                xyz[0], xyz[1], xyz[2]
+
+    fn insert(&mut self, key: BatchKey, buf: Buffer) {
+        self.clock += 1;
+        self.held += buf.len();
+        self.entries.push((key, buf, self.clock));
+    }
+}
+
+impl<'m> Session<'m> {
+    /// Uploads, normalises and crops `volume` (model-frame `dims`), and encodes its zoom-out
+    /// window, all in one region laid out by the plan of `request` (whose prompts size the
+    /// arena; a later prompt larger than those grows it once).
+    pub fn open(
+        model: &'m SegVol,
+        volume: &[f32],
+        dims: [usize; 3],
+        request: plan::Request,
+        opts: &Options,
+    ) -> Result<Self> {
+        let b = model.backend().as_ref();
+        let cfg = model.config();
+        let window = cfg.spatial_size;
+        if volume.len() != dims.iter().product::<usize>() || dims.contains(&0) {
+            return Err(Error::Input(format!(
+                "a volume of {} voxels does not match dims {dims:?}",
+                volume.len()
             )));
         }
+        // Every buffer of the run, known before the first launch, in one allocation. Without a
+        // budget, a device that reports its free memory is held to it (less a margin),
+        // counting what the model already holds. A host backend (no free-memory report: cpu,
+        // emu) is held to the machine's available memory (MemAvailable, or the cgroup's limit
+        // if lower), and there the host buffers of the run count against the same budget.
+        let host_device = b.free_memory().is_none();
+        let held = model.weights().device_bytes + model.arena_bytes();
+        let limit = opts.mem_limit.or_else(|| {
+            b.free_memory()
+                .or_else(|| {
+                    if host_device {
+                        host_available_memory()
+                    } else {
+                        None
+                    }
+                })
+                .map(|free| (free + held).saturating_sub(MEMORY_MARGIN))
+        });
+        let request = plan::Request {
+            shares_budget: host_device,
+            ..request
+        };
+        let batch = if opts.zoom_in { opts.batch } else { 1 };
+        let plan = VolumePlan::fit(cfg, b.dtype(), dims, batch, limit, request)?;
+        model.reserve_arena(plan.call.arena_bytes)?;
+        let arena_allocations = model.runtime_stats().arena_allocations;
+        let region = b.alloc(plan.volume_bytes)?;
+        let at = |x: Buf| region.at(plan.offset(x));
+
+        let t0 = Instant::now();
+        let r = range(b, "preprocess");
+        // SAFETY (all device calls below): every address is a buffer of `region` laid out by
+        // the plan for a volume of these dims, whose sizes bound every extent used.
+        let (norm, crop_start, crop_end) = unsafe {
+            b.upload(at(Buf::Volume), bytemuck::cast_slice(volume))?;
+            let norm = preprocess::normalize_on_device(b, at(Buf::Volume), dims)?;
+            let (s, e) = preprocess::foreground_box_on_device(b, at(Buf::Volume), dims)?;
+            preprocess::crop_on_device(b, at(Buf::Volume), dims, s, e, at(Buf::Cropped))?;
+            (norm, s, e)
+        };
+        let cropped_dims = [0, 1, 2].map(|a| crop_end[a] - crop_start[a]);
+        b.synchronize()?;
+        drop(r);
+        let preprocess_seconds = t0.elapsed().as_secs_f64();
+
+        // §6.4: the zoom-out window, encoded once for every prompt.
+        let t0 = Instant::now();
+        let r = range(b, "zoom-out encode");
+        unsafe {
+            preprocess::resize_on_device(
+                b,
+                at(Buf::Cropped),
+                cropped_dims,
+                at(Buf::WindowBatch),
+                window,
+                InterpMode::NearestExact,
+            )?;
+        }
+        model.encode_into(at(Buf::WindowBatch), 1, at(Buf::ZoomOutEmbedding))?;
+        b.synchronize()?;
+        drop(r);
+        let zoom_out_encode_seconds = t0.elapsed().as_secs_f64();
+        Ok(Session {
+            model,
+            b,
+            plan,
+            region,
+            opts: *opts,
+            dims,
+            norm,
+            crop_start,
+            crop_end,
+            cropped_dims,
+            preprocess_seconds,
+            zoom_out_encode_seconds,
+            arena_allocations,
+            cache: Default::default(),
+        })
     }
-    Ok(())
-}
 
-/// What every prompt of a volume shares.
-struct Ctx<'a> {
-    model: &'a SegVol,
-    b: &'a dyn Backend,
-    plan: &'a VolumePlan,
-    region_at: &'a dyn Fn(Buf) -> Addr,
-    cropped_dims: [usize; 3],
-    crop_start: [usize; 3],
-}
+    /// Keeps zoom-in image embeddings of up to `bytes` (device memory beyond the plan), so a
+    /// prompt whose ROI was seen before skips those encoder passes. Results stay bit-identical:
+    /// an embedding is reused only for the same windows in the same batch.
+    pub fn set_cache_limit(&self, bytes: usize) {
+        let mut c = self.cache.lock();
+        c.limit = bytes;
+        c.make_room(0);
+    }
 
-impl Ctx<'_> {
+    /// Bytes of cached embeddings held now.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.lock().held
+    }
+
+    /// Model-frame dims (D, H, W) of the volume.
+    pub fn dims(&self) -> [usize; 3] {
+        self.dims
+    }
+
+    /// The plan the session runs in (region, arena, window batch).
+    pub fn plan(&self) -> &VolumePlan {
+        &self.plan
+    }
+
+    /// One prompt on the opened volume (spec §6.5-§6.9).
+    pub fn segment(&self, p: &UserPrompt, progress: &mut Progress<'_>) -> Result<PromptOutcome> {
+        check_prompt(p, self.dims)?;
+        self.segment_prompt(p, progress)
+    }
+
+    /// The volume's outcome with the given prompts' outcomes.
+    pub fn outcome(&self, prompts: Vec<PromptOutcome>) -> VolumeOutcome {
+        VolumeOutcome {
+            dims: self.dims,
+            window: self.model.config().spatial_size,
+            norm: self.norm,
+            crop_start: self.crop_start,
+            crop_end: self.crop_end,
+            cropped_dims: self.cropped_dims,
+            batch: self.plan.batch,
+            prompts,
+            preprocess_seconds: self.preprocess_seconds,
+            zoom_out_encode_seconds: self.zoom_out_encode_seconds,
+            arena_bytes: self.model.arena_bytes(),
+            volume_region_bytes: self.plan.volume_bytes,
+            arena_growths: self.model.runtime_stats().arena_allocations - self.arena_allocations,
+        }
+    }
+
     fn at(&self, x: Buf) -> Addr {
-        (self.region_at)(x)
+        self.region.at(self.plan.offset(x))
     }
-
     /// File `(i, j, k)` to the cropped grid's `(d, h, w)` (spec §6.1 swap, minus the crop).
     fn to_cropped(&self, ijk: [usize; 3]) -> Option<[usize; 3]> {
         let dhw = [ijk[2], ijk[1], ijk[0]];
@@ -436,12 +520,7 @@ impl Ctx<'_> {
         Ok((zbox, pts))
     }
 
-    fn segment_prompt(
-        &self,
-        p: &UserPrompt,
-        opts: &Options,
-        progress: &mut Progress<'_>,
-    ) -> Result<PromptOutcome> {
+    fn segment_prompt(&self, p: &UserPrompt, progress: &mut Progress<'_>) -> Result<PromptOutcome> {
         let (b, model) = (self.b, self.model);
         let cfg = model.config();
         let window = cfg.spatial_size;
@@ -495,11 +574,12 @@ impl Ctx<'_> {
         let t0 = Instant::now();
         let r = range(b, "zoom-in");
         let mut windows = Vec::new();
+        let mut cached_windows = 0;
         let mut pad_before = [0; 3];
-        if let (Some(roi), true) = (roi, opts.zoom_in) {
+        if let (Some(roi), true) = (roi, self.opts.zoom_in) {
             let sw = SlidingWindows::new(roi.shape, window, OVERLAP)?;
             pad_before = sw.pad_before;
-            windows = self.zoom_in(p, &roi, &sw, zoom_box, &labels, progress)?;
+            (windows, cached_windows) = self.zoom_in(p, &roi, &sw, zoom_box, &labels, progress)?;
         }
         b.synchronize()?;
         drop(r);
@@ -527,6 +607,7 @@ impl Ctx<'_> {
             zoom_out_logits,
             roi,
             windows,
+            cached_windows,
             pad_before,
             zoom_out_seconds,
             zoom_in_seconds,
@@ -542,7 +623,8 @@ impl Ctx<'_> {
         zoom_box: Option<BBox>,
         labels: &[f32],
         progress: &mut Progress<'_>,
-    ) -> Result<Vec<WindowRecord>> {
+    ) -> Result<(Vec<WindowRecord>, usize)> {
+        let mut cached_windows = 0;
         let (b, model) = (self.b, self.model);
         let window = model.config().spatial_size;
         let win_n: usize = window.iter().product();
@@ -573,11 +655,19 @@ impl Ctx<'_> {
         }
         let mut records = Vec::with_capacity(sw.len());
         let total = sw.len();
+        let emb_bytes = model.embedding_bytes();
         for chunk in (0..total).collect::<Vec<_>>().chunks(self.plan.batch) {
             let _r = range(
                 b,
                 &format!("window batch {}..{}", chunk[0], chunk[0] + chunk.len()),
             );
+            let key = BatchKey {
+                roi_start: roi.start,
+                roi_shape: roi.shape,
+                first: chunk[0],
+                len: chunk.len(),
+            };
+            let cached = self.cache.lock().get(&key);
             let mut prompts = Vec::with_capacity(chunk.len());
             for (slot, &i) in chunk.iter().enumerate() {
                 let start = sw.windows[i].start;
@@ -593,7 +683,9 @@ impl Ctx<'_> {
                     extent: window,
                     pad: 0.0,
                 };
-                unsafe { b.copy_box(&args)? };
+                if cached.is_none() {
+                    unsafe { b.copy_box(&args)? };
+                }
                 // The window's prompts (spec §6.8 step 5).
                 let bbox = if use_box {
                     let single = if p.bbox.is_some() {
@@ -638,12 +730,27 @@ impl Ctx<'_> {
                 });
             }
             let n = chunk.len();
-            model.encode_into(self.at(Buf::WindowBatch), n, self.at(Buf::WindowEmbeddings))?;
-            model.decode(
-                self.at(Buf::WindowEmbeddings),
-                &prompts,
-                self.at(Buf::WindowLogits),
-            )?;
+            let embeddings = match cached {
+                Some(addr) => {
+                    cached_windows += n;
+                    addr
+                }
+                None => {
+                    let mut cache = self.cache.lock();
+                    if cache.make_room(n * emb_bytes) {
+                        let buf = b.alloc(n * emb_bytes)?;
+                        model.encode_into(self.at(Buf::WindowBatch), n, buf.addr())?;
+                        let addr = buf.addr();
+                        cache.insert(key, buf);
+                        addr
+                    } else {
+                        let out = self.at(Buf::WindowEmbeddings);
+                        model.encode_into(self.at(Buf::WindowBatch), n, out)?;
+                        out
+                    }
+                }
+            };
+            model.decode(embeddings, &prompts, self.at(Buf::WindowLogits))?;
             for (slot, &i) in chunk.iter().enumerate() {
                 let args = AccumulateArgs {
                     win: self.at(Buf::WindowLogits) + (slot * win_n * 4) as u64,
@@ -678,8 +785,49 @@ impl Ctx<'_> {
             };
             b.copy_box(&args)?;
         }
-        Ok(records)
+        Ok((records, cached_windows))
     }
+}
+
+/// A prompt must lie inside the volume; boxes are `[i0,j0,k0,i1,j1,k1]` with min <= max.
+fn check_prompt(p: &UserPrompt, dims: [usize; 3]) -> Result<()> {
+    let xyz = [dims[2], dims[1], dims[0]];
+    if p.text.is_none() && p.bbox.is_none() && p.points.is_empty() {
+        return Err(Error::Prompt(
+            "an empty prompt: give a text, a box or points".into(),
+        ));
+    }
+    if p.points.len() != p.positive.len() {
+        return Err(Error::Prompt(format!(
+            "{} points but {} labels",
+            p.points.len(),
+            p.positive.len()
+        )));
+    }
+    if let Some(bx) = p.bbox {
+        for a in 0..3 {
+            if bx[a] > bx[a + 3] {
+                return Err(Error::Prompt(format!(
+                    "box {bx:?}: min exceeds max on axis {a}"
+                )));
+            }
+            if bx[a + 3] >= xyz[a] {
+                return Err(Error::Prompt(format!(
+                    "box {bx:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
+                    xyz[0], xyz[1], xyz[2]
+                )));
+            }
+        }
+    }
+    for q in &p.points {
+        if (0..3).any(|a| q[a] >= xyz[a]) {
+            return Err(Error::Prompt(format!(
+                "point {q:?} lies outside the volume of {}x{}x{} voxels (i,j,k)",
+                xyz[0], xyz[1], xyz[2]
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses non-finite logits: the weights were checked finite at load and the input volume is
