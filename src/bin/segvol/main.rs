@@ -4,6 +4,7 @@
 mod bench;
 mod plan;
 mod segment;
+mod session;
 mod signals;
 
 use clap::{Args, Parser, Subcommand};
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Segment CT volumes (NIfTI) with the official zoom-out-zoom-in pipeline.
     Segment(segment::SegmentArgs),
+    /// Open one volume and segment prompt after prompt: JSON lines on stdin, JSON lines out.
+    Session(session::SessionArgs),
     /// One model call on one window tensor (safetensors in, safetensors out).
     Window(WindowArgs),
     /// Time model calls and their stages; report TFLOP/s against the counted floor.
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.cmd {
         Command::Segment(a) => segment::run(a),
+        Command::Session(a) => session::run(a),
         Command::Window(a) => window(a),
         Command::Plan(a) => plan::run(a),
         Command::Bench(a) => bench::run(a),

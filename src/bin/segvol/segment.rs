@@ -210,11 +210,11 @@ fn dir_names(input: &Path, texts: &[String]) -> Vec<String> {
 }
 
 /// A path's canonical form and, when it exists, its (device, inode).
-type FileId = (PathBuf, Option<(u64, u64)>);
+pub(crate) type FileId = (PathBuf, Option<(u64, u64)>);
 
 /// A path's identity for collision checks: the canonical parent joined with the file name (the
 /// file need not exist yet), and the device and inode when it exists (hard links).
-fn identity(p: &Path) -> FileId {
+pub(crate) fn identity(p: &Path) -> FileId {
     use std::os::unix::fs::MetadataExt;
     let parent = match p.parent() {
         Some(q) if !q.as_os_str().is_empty() => q,
@@ -228,7 +228,7 @@ fn identity(p: &Path) -> FileId {
     (canon, inode)
 }
 
-fn same_file(a: &FileId, b: &FileId) -> bool {
+pub(crate) fn same_file(a: &FileId, b: &FileId) -> bool {
     a.0 == b.0 || (a.1.is_some() && a.1 == b.1)
 }
 
@@ -317,7 +317,7 @@ fn check_outputs(inputs: &[PathBuf], output: &Output, a: &SegmentArgs) -> Result
 
 /// Whether files can be created in `dir`, by creating (and removing) one: permission bits do
 /// not tell about read-only mounts, ACLs or a full inode table.
-fn check_writable(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn check_writable(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(format!(".segvol-probe-{}", std::process::id()));
     std::fs::OpenOptions::new()
         .write(true)
@@ -335,7 +335,7 @@ fn options(a: &SegmentArgs) -> Result<Options> {
     })
 }
 
-fn check_nifti_name(p: &Path) -> Result<()> {
+pub(crate) fn check_nifti_name(p: &Path) -> Result<()> {
     if is_nifti_name(p) {
         Ok(())
     } else {
@@ -585,7 +585,7 @@ fn save_logits(path: &Path, out: &VolumeOutcome) -> Result<()> {
     segvol::tensor::write_safetensors(path, &refs)
 }
 
-fn voxel_ml(vol: &Volume) -> f64 {
+pub(crate) fn voxel_ml(vol: &Volume) -> f64 {
     vol.spacing.iter().map(|&s| s.abs() as f64).product::<f64>() / 1000.0
 }
 

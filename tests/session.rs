@@ -1,0 +1,208 @@
+//! Issue 12, first part: a [`Session`] keeps a volume's preprocessing and zoom-out embedding
+//! and gives every prompt the same result as a fresh `segment`, whatever came before; `segvol
+//! session` speaks JSON lines and survives bad requests.
+
+mod common;
+
+use segvol::io::nifti::read_volume;
+use segvol::model::SegVol;
+use segvol::pipeline::plan::Request;
+use segvol::pipeline::{self, Options, Session, UserPrompt};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+fn tiny_ct() -> std::path::PathBuf {
+    common::fixtures().join("data/example_ct_sm.nii.gz")
+}
+
+fn text(t: &str) -> UserPrompt {
+    UserPrompt {
+        text: Some(t.into()),
+        ..UserPrompt::default()
+    }
+}
+
+/// liver, box + liver, points, spleen: the issue's sequence (voxel indices of the tiny CT).
+fn sequence() -> Vec<UserPrompt> {
+    vec![
+        text("liver"),
+        UserPrompt {
+            bbox: Some([30, 30, 8, 80, 70, 22]),
+            ..text("liver")
+        },
+        UserPrompt {
+            points: vec![[60, 50, 15], [40, 45, 12]],
+            positive: vec![true, false],
+            ..UserPrompt::default()
+        },
+        text("spleen"),
+    ]
+}
+
+#[test]
+fn a_session_gives_every_prompt_the_bytes_of_a_fresh_segment() {
+    let vol = read_volume(&tiny_ct()).unwrap();
+    let opts = Options {
+        batch: 2,
+        ..Options::default()
+    };
+    for dut in common::devices() {
+        let label = dut.label();
+        let model = SegVol::load(&common::tiny().join("model"), dut.open()).unwrap();
+        let session = Session::open(
+            &model,
+            &vol.data,
+            vol.model_dims(),
+            Request::default(),
+            &opts,
+        )
+        .unwrap();
+        // First a cache of two batches of two windows (fewer than a prompt's: every batch
+        // evicts another), then one of eight batches (the sequence revisits its ROIs: hits).
+        let batch_bytes = 2 * model.embedding_bytes();
+        session.set_cache_limit(2 * batch_bytes);
+        let mut hits = 0;
+        let mut seq = sequence();
+        seq.extend(sequence());
+        for (n, p) in seq.iter().enumerate() {
+            if n == 4 {
+                session.set_cache_limit(8 * batch_bytes);
+            }
+            let got = session.segment(p, &mut |_, _| {}).unwrap();
+            // A fresh run on a fresh model: nothing shared but the weights file.
+            let fresh_model = SegVol::load(&common::tiny().join("model"), dut.open()).unwrap();
+            let want = pipeline::segment(
+                &fresh_model,
+                &vol.data,
+                vol.model_dims(),
+                std::slice::from_ref(p),
+                &opts,
+                &mut |_, _| {},
+            )
+            .unwrap();
+            let want = &want.prompts[0];
+            assert!(got.windows.len() > 1, "{label}: prompt {n} ran no zoom-in");
+            assert_eq!(got.roi, want.roi, "{label}: prompt {n} ROI");
+            assert_eq!(
+                got.zoom_out_logits, want.zoom_out_logits,
+                "{label}: prompt {n} zoom-out logits"
+            );
+            assert!(
+                got.logits
+                    .iter()
+                    .zip(&want.logits)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{label}: prompt {n} logits differ from a fresh segment"
+            );
+            assert_eq!(got.mask, want.mask, "{label}: prompt {n} mask");
+            hits += got.cached_windows;
+        }
+        assert!(hits > 0, "{label}: no cached window was reused");
+        assert!(session.cache_bytes() <= 8 * batch_bytes);
+    }
+}
+
+#[test]
+fn session_over_json_lines_survives_bad_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny().join("model");
+    let out = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
+    let requests = [
+        serde_json::json!({"text": "liver", "out": out("liver.nii.gz")}).to_string(),
+        "{not json".to_string(),
+        serde_json::json!({"points": [[500, 1, 1]]}).to_string(),
+        serde_json::json!({"txt": "liver"}).to_string(),
+        serde_json::json!({"box": [30, 30, 8, 80, 70, 22], "text": "liver", "out": out("box.nii.gz")})
+            .to_string(),
+        serde_json::json!({"points": [[60, 50, 15], [40, 45, 12]], "labels": [1, 0], "out": out("pts.nii.gz")})
+            .to_string(),
+        serde_json::json!({"text": "spleen", "out": out("spleen.nii.gz")}).to_string(),
+    ];
+    let mut child = Command::new(common::segvol_bin())
+        .args([
+            "session",
+            tiny_ct().to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for r in &requests {
+            writeln!(stdin, "{r}").unwrap();
+        }
+    }
+    let replies: Vec<serde_json::Value> = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert_eq!(replies.len(), requests.len(), "{replies:?}");
+    let ok: Vec<bool> = replies.iter().map(|r| r["ok"].as_bool().unwrap()).collect();
+    assert_eq!(
+        ok,
+        [true, false, false, false, true, true, true],
+        "{replies:?}"
+    );
+    assert!(replies[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    assert!(replies[2]["error"]
+        .as_str()
+        .unwrap()
+        .contains("point 500,1,1: lies outside"));
+    assert!(replies[3]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown field `txt`"));
+    // Each mask equals what a fresh `segment` writes for the same prompt.
+    let ct = tiny_ct();
+    let fresh = |args: &[&str], name: &str| {
+        let f = tmp.path().join(format!("fresh-{name}"));
+        let mut all = vec![
+            "segment",
+            ct.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let f_s = f.to_string_lossy().into_owned();
+        all.extend(["--out", &f_s]);
+        let res = common::segvol(&all);
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        read_volume(&f).unwrap().data
+    };
+    let session_mask = |name: &str| read_volume(&tmp.path().join(name)).unwrap().data;
+    assert_eq!(
+        session_mask("liver.nii.gz"),
+        fresh(&["--text", "liver"], "liver.nii.gz")
+    );
+    assert_eq!(
+        session_mask("box.nii.gz"),
+        fresh(
+            &["--text", "liver", "--box", "30,30,8,80,70,22"],
+            "box.nii.gz"
+        )
+    );
+    assert_eq!(
+        session_mask("pts.nii.gz"),
+        fresh(
+            &["--point", "60,50,15", "--negative-point", "40,45,12"],
+            "pts.nii.gz"
+        )
+    );
+    assert_eq!(
+        session_mask("spleen.nii.gz"),
+        fresh(&["--text", "spleen"], "spleen.nii.gz")
+    );
+}
