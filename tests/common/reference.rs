@@ -238,3 +238,18 @@ pub fn foreground_count_percentiles(x: &[f32], threshold: f32) -> (u64, f64, f64
     let p_hi = percentile_linear(f.len(), 99.95, |k| f[k]);
     (f.len() as u64, p_lo, p_hi)
 }
+
+/// The mean of all voxels (the foreground threshold) in f64, and the mean and population
+/// standard deviation in f64 of the voxels above `threshold` (the device's f32 threshold, so
+/// that the foreground is the one the device selected).
+pub fn foreground_moments(x: &[f32], threshold: f32) -> (f64, f64, f64) {
+    let all = x.iter().map(|&v| v as f64).sum::<f64>() / x.len() as f64;
+    let f: Vec<f64> = x
+        .iter()
+        .filter(|&&v| v > threshold)
+        .map(|&v| v as f64)
+        .collect();
+    let mean = f.iter().sum::<f64>() / f.len() as f64;
+    let var = f.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / f.len() as f64;
+    (all, mean, var.sqrt())
+}
