@@ -1,8 +1,10 @@
-//! The fused attention kernels (kernels/attention.cu; DESIGN.md op `attention`, spec §1.3, §3,
-//! §4.2) beyond the parity table of `tests/backend_ops.rs` (which checks every dtype, the head
-//! dims of the full and the tiny model, odd query / key counts, causal and not, packed QKV
-//! views, odd strides and peaky softmax against the CPU and an f64 reference): the schedule
-//! check, argument errors, and one realistic ViT-size call.
+//! Parity of the fused attention kernels (kernels/attention.cu) with the CPU reference
+//! (DESIGN.md op `attention`, `AttentionArgs`; spec §1.3, §3, §4.2) beyond the sweep of the
+//! parity table (`tests/backend_ops.rs`: every dtype, the head dims of the full and the tiny
+//! model, odd query / key counts both ways, causal and not, against the CPU and an f64
+//! reference): strided views of a packed QKV buffer with untouched gaps (also the target of
+//! `tools/gpu-check.sh`'s compute-sanitizer step), the schedule check, argument errors, and one
+//! realistic ViT-size call.
 mod common;
 use common::parity::*;
 
@@ -41,6 +43,10 @@ struct Case {
 }
 
 impl Case {
+    fn width(&self) -> usize {
+        self.heads * self.hd
+    }
+
     /// q, k, v, out in separate contiguous buffers.
     fn contiguous(
         batch: usize,
@@ -107,6 +113,40 @@ impl Case {
         }
     }
 
+    /// Separate buffers with odd offsets and row / batch strides (no 16-byte alignment: the
+    /// general load path even for the fast-path head dims).
+    fn odd(batch: usize, heads: usize, nq: usize, nk: usize, hd: usize, causal: bool) -> Case {
+        let w = heads * hd;
+        let view = |buf, off, row, n: usize, extra| View {
+            buf,
+            off,
+            row,
+            batch: n * row + extra,
+        };
+        let (q, k, v) = (
+            view(0, 1, w + 3, nq, 5),
+            view(1, 3, w + 1, nk, 7),
+            view(2, 5, w + 5, nk, 1),
+        );
+        let len = |x: View, n: usize| x.off + (batch - 1) * x.batch + (n - 1) * x.row + w;
+        let out = view(0, 3, w + 7, nq, 3);
+        Case {
+            batch,
+            heads,
+            nq,
+            nk,
+            hd,
+            causal,
+            scale: 1.0 / (hd as f32).sqrt(),
+            inputs: vec![len(q, nq), len(k, nk), len(v, nk)],
+            q,
+            k,
+            v,
+            out,
+            out_len: len(out, nq),
+        }
+    }
+
     fn label(&self) -> String {
         format!(
             "b{} h{} nq{} nk{} d{}{} scale {:.3} (q row {} batch {}, out row {})",
@@ -121,6 +161,19 @@ impl Case {
             self.q.batch,
             self.out.row
         )
+    }
+
+    /// Indices (into the output buffer) of every element the op writes, in (b, i, h*hd+e) order.
+    fn out_indices(&self) -> Vec<usize> {
+        let mut v = Vec::with_capacity(self.batch * self.nq * self.width());
+        for b in 0..self.batch {
+            for i in 0..self.nq {
+                for c in 0..self.width() {
+                    v.push(self.out.off + b * self.out.batch + i * self.out.row + c);
+                }
+            }
+        }
+        v
     }
 }
 
@@ -172,11 +225,78 @@ fn run_on(b: &dyn Backend, c: &Case, host: &[Vec<f32>]) -> segvol::error::Result
     Ok(download(b, &out))
 }
 
+/// One parity check: the kernel device against the CPU on the same (rounded) inputs. Returns
+/// the max error relative to the largest reference value.
+fn check(dev: &OpDevice, c: &Case) -> f32 {
+    let seed = next_seed();
+    let label = format!("{} {} seed {seed:#x}", dev.label, c.label());
+    let host: Vec<Vec<f32>> = inputs(c, seed)
+        .iter()
+        .map(|h| rounded(h, dev.dtype()))
+        .collect();
+    let got = run_on(dev.backend.as_ref(), c, &host).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let want = run_on(cpu().as_ref(), c, &host).unwrap_or_else(|e| panic!("{label}: cpu: {e}"));
+    let idx = c.out_indices();
+    let g: Vec<f32> = idx.iter().map(|&i| got[i]).collect();
+    let w: Vec<f32> = idx.iter().map(|&i| want[i]).collect();
+    let max_ref = w
+        .iter()
+        .fold(0f32, |m, x| m.max(x.abs()))
+        .max(f32::MIN_POSITIVE);
+    let err = g
+        .iter()
+        .zip(&w)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / max_ref;
+    eprintln!("{label}: max rel err {err:.2e}");
+    assert_close(&g, &w, dev.tol(), &label);
+    // Everything outside the view keeps its poison (NaN): the kernel writes nothing else.
+    let mut written = vec![false; got.len()];
+    idx.iter().for_each(|&i| written[i] = true);
+    if let Some(i) = (0..got.len()).find(|&i| !written[i] && !got[i].is_nan()) {
+        panic!(
+            "{label}: element {i} outside the output view was written ({})",
+            got[i]
+        );
+    }
+    err
+}
+
 fn devices(dtype: DType) -> Vec<OpDevice> {
     op_devices()
         .into_iter()
         .filter(|d| d.dtype() == dtype)
         .collect()
+}
+
+/// The ViT layout (packed QKV column views, batch > 1), with gaps in the output; odd strides
+/// (the general load path for fast-path head dims); head dims between the compiled sizes; peaky
+/// softmax (scale 1, large scores) where the running max matters.
+#[test]
+fn attention_strided_views() {
+    for dev in op_devices() {
+        for &(hd, causal) in &[
+            (64, false),
+            (24, true),
+            (96, false),
+            (48, true),
+            (12, false),
+        ] {
+            check(&dev, &Case::packed(2, 3, 129, hd, causal, 5));
+        }
+        for &(hd, nq, nk, causal) in &[(64, 33, 129, false), (32, 129, 7, true), (96, 7, 33, false)]
+        {
+            check(&dev, &Case::odd(2, 2, nq, nk, hd, causal));
+        }
+        for &hd in &[1, 7, 40, 80, 100, 128] {
+            check(&dev, &Case::contiguous(2, 2, 67, 45, hd, hd % 2 == 1));
+        }
+        for &(hd, causal) in &[(64, false), (16, true)] {
+            let mut c = Case::contiguous(1, 2, 129, 129, hd, causal);
+            c.scale = 1.0;
+            check(&dev, &c);
+        }
+    }
 }
 
 /// Identical bytes under the forward, reverse and random schedules and two workers.
