@@ -289,8 +289,100 @@ fn read_back(be: &dyn Backend, p: &Placed, ops: &[Operand], i: usize) -> Vec<f32
 }
 
 // ------------------------------------------------------------------------------------------------
-// Ops
+// Ops: one struct per Backend op, its operands, launch and (optional) f64 reference together.
 // ------------------------------------------------------------------------------------------------
+
+/// How a case's outputs are compared with the CPU's.
+#[derive(Clone, Copy, PartialEq)]
+enum Cmp {
+    /// Within the storage dtype's tolerance.
+    Tol,
+    /// Bit for bit, after rounding the CPU's value through the output dtype.
+    Exact,
+}
+
+/// The f64 reference of a case: the compared outputs (whole buffers, NaN where untouched) and
+/// the scalars as `(value, relative tolerance)` (tolerance 0: bit for bit).
+type Reference = (Vec<Vec<f64>>, Vec<(f64, f64)>);
+
+/// One op of the table.
+trait OpCase {
+    /// The Backend method.
+    fn name(&self) -> &'static str;
+    /// The parameters, without spaces.
+    fn params(&self) -> String;
+    /// The operands (fresh random inputs from `seed`), the outputs to compare, and the work.
+    fn spec(&self, seed: u64) -> Spec;
+    /// Launches the op on `be` with operand addresses `a` (dtypes `d`); returns its scalar
+    /// results (statistics, min / max, a box).
+    ///
+    /// # Safety
+    /// `a` and `d` come from [`place`] with this case's spec.
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], d: &[DType]) -> Result<Vec<f64>>;
+    /// The f64 reference from the inputs as the device read them (`host`: whole buffers as
+    /// f32, NaN where poisoned), given the run's own scalars `got`. `None`: the CPU backend is
+    /// the reference of record.
+    fn reference(&self, host: &[Vec<f32>], got: &[f64]) -> Option<Reference> {
+        let _ = (host, got);
+        None
+    }
+    fn cmp(&self) -> Cmp {
+        Cmp::Tol
+    }
+    /// Volume ops compute in f32 whatever the storage dtype: one device per spec runs them.
+    fn storage_independent(&self) -> bool {
+        false
+    }
+    fn expects_error(&self) -> bool {
+        false
+    }
+    /// Explicit operand dtypes (the CPU backend skips cases with an f16 / bf16 one).
+    fn explicit(&self) -> Vec<St> {
+        Vec::new()
+    }
+    fn label(&self) -> String {
+        format!("{}/{}", self.name(), self.params())
+    }
+}
+
+fn flag(on: bool, s: &str) -> String {
+    if on {
+        format!("_{s}")
+    } else {
+        String::new()
+    }
+}
+
+fn act_tag(a: Act) -> &'static str {
+    match a {
+        Act::None => "none",
+        Act::Gelu => "gelu",
+        Act::Relu => "relu",
+        Act::QuickGelu => "qgelu",
+    }
+}
+
+fn dims_tag(d: [usize; 3]) -> String {
+    format!("{}x{}x{}", d[0], d[1], d[2])
+}
+
+/// The buffer `host[i]` as f64 with `vals` written from element `off` on.
+fn written(host: &[Vec<f32>], i: usize, off: usize, vals: &[f64]) -> Vec<f64> {
+    let mut b: Vec<f64> = host[i].iter().map(|&v| v as f64).collect();
+    b[off..off + vals.len()].copy_from_slice(vals);
+    b
+}
+
+fn plain(operands: Vec<Operand>, reads: Vec<usize>) -> Spec {
+    Spec {
+        operands,
+        reads,
+        flops: 0.0,
+        bytes: None,
+    }
+}
+
+// ----- gemm -----
 
 /// Residual layouts of a GEMM epilogue.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -306,6 +398,189 @@ enum Res {
     InPlace,
 }
 
+/// `C = act(alpha A op(B) + bias) + R`; operands A, B, C, bias, R.
+struct Gemm {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    b_trans: bool,
+    /// B shared by every batch (batch stride 0).
+    bcast_b: bool,
+    bias: bool,
+    act: Act,
+    res: Res,
+    alpha: f32,
+    /// Extra elements in every leading dimension and batch stride.
+    pad: usize,
+}
+
+/// Strides and lengths of a GEMM case.
+struct GemmLayout {
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+    bsa: usize,
+    bsb: usize,
+    bsc: usize,
+    ldr: usize,
+    bsr: usize,
+    len_a: usize,
+    len_b: usize,
+    len_c: usize,
+    len_r: usize,
+}
+
+impl Gemm {
+    fn layout(&self) -> GemmLayout {
+        let (m, n, k, pad) = (self.m, self.n, self.k, self.pad);
+        let lda = k + pad;
+        let ldb = if self.b_trans { k + 2 * pad } else { n + pad };
+        let ldc = n + 3 * pad;
+        let brows = if self.b_trans { n } else { k };
+        let bsa = m * lda + pad;
+        let bsb = if self.bcast_b { 0 } else { brows * ldb + pad };
+        let bsc = m * ldc + pad + 1;
+        let b = self.batch;
+        let (ldr, bsr, len_r) = match self.res {
+            Res::None | Res::InPlace => (0, 0, 0),
+            Res::Ld => (n + 1, m * (n + 1), b * m * (n + 1)),
+            Res::Row => (0, n, b * n),
+            Res::Shared => (n, 0, m * n),
+        };
+        GemmLayout {
+            lda,
+            ldb,
+            ldc,
+            bsa,
+            bsb,
+            bsc,
+            ldr,
+            bsr,
+            len_a: ((b - 1) * bsa + m * lda).max(1),
+            len_b: ((b - 1) * bsb + brows * ldb).max(1),
+            len_c: (b - 1) * bsc + m * ldc,
+            len_r,
+        }
+    }
+}
+
+impl OpCase for Gemm {
+    fn name(&self) -> &'static str {
+        "gemm"
+    }
+    fn params(&self) -> String {
+        format!(
+            "b{}_m{}_n{}_k{}{}{}{}_{}_res-{:?}{}{}",
+            self.batch,
+            self.m,
+            self.n,
+            self.k,
+            flag(self.b_trans, "bt"),
+            flag(self.bcast_b, "bcastb"),
+            flag(self.bias, "bias"),
+            act_tag(self.act),
+            self.res,
+            flag(self.alpha != 1.0, &format!("alpha{}", self.alpha)),
+            flag(self.pad > 0, &format!("pad{}", self.pad)),
+        )
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let g = self.layout();
+        let c = if self.res == Res::InPlace {
+            input(St::S, random(g.len_c, 2.0, seed ^ 2))
+        } else {
+            output(St::S, g.len_c)
+        };
+        let operands = vec![
+            input(St::S, random(g.len_a, 1.0, seed)),
+            input(St::S, random(g.len_b, 1.0, seed ^ 1)),
+            c,
+            input(
+                St::S,
+                random(if self.bias { self.n } else { 1 }, 1.0, seed ^ 3),
+            ),
+            input(St::S, random(g.len_r.max(1), 1.0, seed ^ 4)),
+        ];
+        Spec {
+            operands,
+            reads: vec![2],
+            flops: 2.0 * (self.batch * self.m * self.n * self.k) as f64,
+            bytes: None,
+        }
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let g = self.layout();
+        let residual = match self.res {
+            Res::None => None,
+            Res::InPlace => Some(Residual {
+                addr: a[2],
+                ld: g.ldc,
+                batch_stride: g.bsc,
+            }),
+            _ => Some(Residual {
+                addr: a[4],
+                ld: g.ldr,
+                batch_stride: g.bsr,
+            }),
+        };
+        let args = GemmArgs {
+            batch: self.batch,
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            a: a[0],
+            lda: g.lda,
+            batch_stride_a: g.bsa,
+            b: a[1],
+            ldb: g.ldb,
+            batch_stride_b: g.bsb,
+            b_trans: self.b_trans,
+            c: a[2],
+            ldc: g.ldc,
+            batch_stride_c: g.bsc,
+            alpha: self.alpha,
+            bias: self.bias.then_some(a[3]),
+            act: self.act,
+            residual,
+        };
+        unsafe { be.gemm(&args) }?;
+        Ok(vec![])
+    }
+    fn reference(&self, host: &[Vec<f32>], _got: &[f64]) -> Option<Reference> {
+        let g = self.layout();
+        let mut c: Vec<f64> = host[2].iter().map(|&v| v as f64).collect();
+        let residual = match self.res {
+            Res::None => None,
+            Res::InPlace => Some((&host[2][..], g.ldc, g.bsc)),
+            _ => Some((&host[4][..], g.ldr, g.bsr)),
+        };
+        let args = r64::Gemm {
+            batch: self.batch,
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            a: &host[0],
+            lda: g.lda,
+            batch_stride_a: g.bsa,
+            b: &host[1],
+            ldb: g.ldb,
+            batch_stride_b: g.bsb,
+            b_trans: self.b_trans,
+            ldc: g.ldc,
+            batch_stride_c: g.bsc,
+            alpha: self.alpha,
+            bias: self.bias.then_some(&host[3][..]),
+            act: self.act,
+            residual,
+        };
+        r64::gemm(&args, &mut c);
+        Some((vec![c], vec![]))
+    }
+}
+
+// ----- attention -----
+
 /// Operand layouts of attention (`tests/parity_attention.rs`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Layout {
@@ -318,6 +593,485 @@ enum Layout {
     Odd,
 }
 
+/// Operands: the input buffers of the layout (q, k, v or one packed QKV), then out.
+struct Attention {
+    batch: usize,
+    heads: usize,
+    nq: usize,
+    nk: usize,
+    hd: usize,
+    causal: bool,
+    layout: Layout,
+    /// `None`: 1 / sqrt(hd).
+    scale: Option<f32>,
+}
+
+/// Element `(b, i, h, e)` at `off + b*batch + i*row + h*hd + e` of input `buf` (or, for the
+/// output, of the output operand).
+#[derive(Clone, Copy)]
+struct AView {
+    buf: usize,
+    off: usize,
+    row: usize,
+    batch: usize,
+}
+
+struct AttnLayout {
+    inputs: Vec<usize>,
+    q: AView,
+    k: AView,
+    v: AView,
+    out: AView,
+    out_len: usize,
+    scale: f32,
+}
+
+impl Attention {
+    fn layout(&self) -> AttnLayout {
+        let (batch, nq, nk) = (self.batch, self.nq, self.nk);
+        let w = self.heads * self.hd;
+        let scale = self.scale.unwrap_or(1.0 / (self.hd as f32).sqrt());
+        let view = |buf, off, row, batch| AView {
+            buf,
+            off,
+            row,
+            batch,
+        };
+        match self.layout {
+            Layout::Contig => AttnLayout {
+                inputs: vec![batch * nq * w, batch * nk * w, batch * nk * w],
+                q: view(0, 0, w, nq * w),
+                k: view(1, 0, w, nk * w),
+                v: view(2, 0, w, nk * w),
+                out: view(0, 0, w, nq * w),
+                out_len: batch * nq * w,
+                scale,
+            },
+            Layout::Packed(pad) => {
+                assert_eq!(nq, nk, "packed attention has nq == nk");
+                let (row, bs) = (3 * w, nq * 3 * w);
+                let orow = w + pad;
+                AttnLayout {
+                    inputs: vec![batch * nq * 3 * w],
+                    q: view(0, 0, row, bs),
+                    k: view(0, w, row, bs),
+                    v: view(0, 2 * w, row, bs),
+                    out: view(0, pad, orow, nq * orow + pad),
+                    out_len: batch * (nq * orow + pad) + pad,
+                    scale,
+                }
+            }
+            Layout::Odd => {
+                let v = |buf, off, row, n: usize, extra| view(buf, off, row, n * row + extra);
+                let (q, k, vv) = (
+                    v(0, 1, w + 3, nq, 5),
+                    v(1, 3, w + 1, nk, 7),
+                    v(2, 5, w + 5, nk, 1),
+                );
+                let len = |x: AView, n: usize| x.off + (batch - 1) * x.batch + (n - 1) * x.row + w;
+                let out = v(0, 3, w + 7, nq, 3);
+                AttnLayout {
+                    inputs: vec![len(q, nq), len(k, nk), len(vv, nk)],
+                    q,
+                    k,
+                    v: vv,
+                    out,
+                    out_len: len(out, nq),
+                    scale,
+                }
+            }
+        }
+    }
+}
+
+impl OpCase for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn params(&self) -> String {
+        let layout = match self.layout {
+            Layout::Contig => "contig".to_string(),
+            Layout::Packed(p) => format!("packed-pad{p}"),
+            Layout::Odd => "odd".to_string(),
+        };
+        format!(
+            "b{}_h{}_nq{}_nk{}_d{}{}_{layout}{}",
+            self.batch,
+            self.heads,
+            self.nq,
+            self.nk,
+            self.hd,
+            flag(self.causal, "causal"),
+            self.scale.map_or(String::new(), |s| format!("_scale{s}")),
+        )
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let l = self.layout();
+        let mut operands: Vec<Operand> = l
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let scale = if i == 2 { 1.0 } else { 1.5 };
+                input(St::S, random(len, scale, seed.wrapping_add(i as u64)))
+            })
+            .collect();
+        operands.push(output(St::S, l.out_len));
+        let keys: f64 = if self.causal {
+            (0..self.nq).map(|i| self.nk.min(i + 1) as f64).sum()
+        } else {
+            (self.nq * self.nk) as f64
+        };
+        Spec {
+            reads: vec![operands.len() - 1],
+            operands,
+            flops: 4.0 * (self.batch * self.heads * self.hd) as f64 * keys,
+            bytes: None,
+        }
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], d: &[DType]) -> Result<Vec<f64>> {
+        let l = self.layout();
+        let o = l.inputs.len();
+        let at = |v: AView, buf: usize| a[buf] + (v.off * d[buf].size()) as u64;
+        let args = AttentionArgs {
+            batch: self.batch,
+            heads: self.heads,
+            nq: self.nq,
+            nk: self.nk,
+            head_dim: self.hd,
+            q: at(l.q, l.q.buf),
+            q_row: l.q.row,
+            q_batch: l.q.batch,
+            k: at(l.k, l.k.buf),
+            k_row: l.k.row,
+            k_batch: l.k.batch,
+            v: at(l.v, l.v.buf),
+            v_row: l.v.row,
+            v_batch: l.v.batch,
+            out: at(l.out, o),
+            o_row: l.out.row,
+            o_batch: l.out.batch,
+            scale: l.scale,
+            causal: self.causal,
+        };
+        unsafe { be.attention(&args) }?;
+        Ok(vec![])
+    }
+    fn reference(&self, host: &[Vec<f32>], _got: &[f64]) -> Option<Reference> {
+        let l = self.layout();
+        let view = |x: AView| r64::View {
+            data: &host[x.buf][x.off..],
+            row: x.row,
+            batch: x.batch,
+        };
+        let mut out: Vec<f64> = host[l.inputs.len()].iter().map(|&v| v as f64).collect();
+        r64::attention(
+            self.batch,
+            self.heads,
+            self.nq,
+            self.nk,
+            self.hd,
+            view(l.q),
+            view(l.k),
+            view(l.v),
+            l.scale,
+            self.causal,
+            &mut out[l.out.off..],
+            l.out.row,
+            l.out.batch,
+        );
+        Some((vec![out], vec![]))
+    }
+}
+
+// ----- layer norms -----
+
+/// Operands x (offset mean: the two-pass variance must cope), weight, bias, out.
+struct LayerNorm {
+    rows: usize,
+    cols: usize,
+    in_place: bool,
+}
+
+impl OpCase for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer_norm"
+    }
+    fn params(&self) -> String {
+        format!(
+            "{}x{}{}",
+            self.rows,
+            self.cols,
+            flag(self.in_place, "inplace")
+        )
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let n = self.rows * self.cols;
+        let x = random(n, 3.0, seed).iter().map(|v| v + 5.0).collect();
+        let operands = vec![
+            input(St::S, x),
+            input(St::S, random(self.cols, 1.0, seed ^ 1)),
+            input(St::S, random(self.cols, 0.5, seed ^ 2)),
+            output(St::S, n),
+        ];
+        plain(operands, vec![if self.in_place { 0 } else { 3 }])
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let args = LayerNormArgs {
+            x: a[0],
+            out: a[if self.in_place { 0 } else { 3 }],
+            rows: self.rows,
+            cols: self.cols,
+            weight: a[1],
+            bias: a[2],
+            eps: 1e-5,
+        };
+        unsafe { be.layer_norm(&args) }?;
+        Ok(vec![])
+    }
+    fn reference(&self, host: &[Vec<f32>], _got: &[f64]) -> Option<Reference> {
+        let (r, c) = (self.rows, self.cols);
+        let y = r64::layer_norm(&host[0], r, c, &host[1], &host[2], 1e-5);
+        let out = written(host, if self.in_place { 0 } else { 3 }, 0, &y);
+        Some((vec![out], vec![]))
+    }
+}
+
+/// Operands x, weight, bias, out.
+struct LayerNormJoint {
+    batch: usize,
+    n: usize,
+    act: Act,
+    in_place: bool,
+}
+
+impl OpCase for LayerNormJoint {
+    fn name(&self) -> &'static str {
+        "layer_norm_joint"
+    }
+    fn params(&self) -> String {
+        let inplace = flag(self.in_place, "inplace");
+        format!("b{}_n{}_{}{inplace}", self.batch, self.n, act_tag(self.act))
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let total = self.batch * self.n;
+        let x = random(total, 2.0, seed).iter().map(|v| v - 0.7).collect();
+        let operands = vec![
+            input(St::S, x),
+            input(St::S, random(self.n, 1.0, seed ^ 1)),
+            input(St::S, random(self.n, 0.5, seed ^ 2)),
+            output(St::S, total),
+        ];
+        plain(operands, vec![if self.in_place { 0 } else { 3 }])
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let args = LayerNormJointArgs {
+            x: a[0],
+            out: a[if self.in_place { 0 } else { 3 }],
+            batch: self.batch,
+            n: self.n,
+            weight: a[1],
+            bias: a[2],
+            eps: 1e-5,
+            act: self.act,
+        };
+        unsafe { be.layer_norm_joint(&args) }?;
+        Ok(vec![])
+    }
+    fn reference(&self, host: &[Vec<f32>], _got: &[f64]) -> Option<Reference> {
+        let (b, n, act) = (self.batch, self.n, self.act);
+        let y = r64::layer_norm_joint(&host[0], b, n, &host[1], &host[2], 1e-5, act);
+        let out = written(host, if self.in_place { 0 } else { 3 }, 0, &y);
+        Some((vec![out], vec![]))
+    }
+}
+
+// ----- conv_transpose3d_k2s2 -----
+
+/// Operands x, weight, bias, out; `offset` > 0 puts x and out that many elements into their
+/// buffers (unaligned: element-wise loads and single-element stores).
+struct ConvT {
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    dims: [usize; 3],
+    channels_last: bool,
+    act: Act,
+    offset: usize,
+}
+
+impl ConvT {
+    fn vox(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+impl OpCase for ConvT {
+    fn name(&self) -> &'static str {
+        "conv_transpose3d_k2s2"
+    }
+    fn params(&self) -> String {
+        format!(
+            "b{}_cin{}_cout{}_{}_{}_{}{}",
+            self.batch,
+            self.cin,
+            self.cout,
+            dims_tag(self.dims),
+            if self.channels_last { "cl" } else { "cf" },
+            act_tag(self.act),
+            flag(self.offset > 0, &format!("off{}", self.offset)),
+        )
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let (b, cin, cout, vox, off) = (self.batch, self.cin, self.cout, self.vox(), self.offset);
+        let ws = 1.0 / (cin as f32).sqrt().max(1.0);
+        let operands = vec![
+            input_at(St::S, random(b * cin * vox, 1.0, seed), off),
+            input(St::S, random(cin * cout * 8, ws, seed ^ 1)),
+            input(St::S, random(cout, 0.5, seed ^ 2)),
+            output_at(St::S, b * cout * 8 * vox, off),
+        ];
+        Spec {
+            operands,
+            reads: vec![3],
+            flops: 2.0 * (b * cin * cout * 8 * vox) as f64,
+            bytes: None,
+        }
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let args = ConvT3dArgs {
+            x: a[0],
+            out: a[3],
+            weight: a[1],
+            bias: a[2],
+            batch: self.batch,
+            cin: self.cin,
+            cout: self.cout,
+            dims: self.dims,
+            channels_last_input: self.channels_last,
+            act: self.act,
+        };
+        unsafe { be.conv_transpose3d_k2s2(&args) }?;
+        Ok(vec![])
+    }
+    fn reference(&self, host: &[Vec<f32>], _got: &[f64]) -> Option<Reference> {
+        let y = r64::conv_transpose3d_k2s2(
+            &host[0][self.offset..],
+            &host[1],
+            &host[2],
+            self.batch,
+            self.cin,
+            self.cout,
+            self.dims,
+            self.channels_last,
+            self.act,
+        );
+        Some((vec![written(host, 3, self.offset, &y)], vec![]))
+    }
+}
+
+// ----- interp3d, patch_gather3d, add, activation, embed_gather -----
+
+/// Operands x (dtype `x`), out (dtype `out`). Exact: the kernels compute the CPU's operations.
+struct Interp {
+    planes: usize,
+    src: [usize; 3],
+    dst: [usize; 3],
+    mode: InterpMode,
+    x: St,
+    out: St,
+}
+
+impl OpCase for Interp {
+    fn name(&self) -> &'static str {
+        "interp3d"
+    }
+    fn params(&self) -> String {
+        format!(
+            "{:?}_p{}_{}-{}_{}-{}",
+            self.mode,
+            self.planes,
+            dims_tag(self.src),
+            dims_tag(self.dst),
+            self.x.tag(),
+            self.out.tag()
+        )
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let n_in = self.planes * self.src.iter().product::<usize>();
+        let n_out = self.planes * self.dst.iter().product::<usize>();
+        let operands = vec![
+            input(self.x, random(n_in, 4.0, seed)),
+            output(self.out, n_out),
+        ];
+        plain(operands, vec![1])
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], d: &[DType]) -> Result<Vec<f64>> {
+        let args = Interp3dArgs {
+            x: a[0],
+            x_dtype: d[0],
+            out: a[1],
+            out_dtype: d[1],
+            planes: self.planes,
+            src: self.src,
+            dst: self.dst,
+            mode: self.mode,
+        };
+        unsafe { be.interp3d(&args) }?;
+        Ok(vec![])
+    }
+    fn cmp(&self) -> Cmp {
+        Cmp::Exact
+    }
+    fn explicit(&self) -> Vec<St> {
+        vec![self.x, self.out]
+    }
+}
+
+/// Operands x (dtype `x`), out. Exact: a gather moves values.
+struct PatchGather {
+    batch: usize,
+    dims: [usize; 3],
+    patch: [usize; 3],
+    x: St,
+}
+
+impl OpCase for PatchGather {
+    fn name(&self) -> &'static str {
+        "patch_gather3d"
+    }
+    fn params(&self) -> String {
+        let (d, p) = (dims_tag(self.dims), dims_tag(self.patch));
+        format!("b{}_{d}_p{p}_x-{}", self.batch, self.x.tag())
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let total = self.batch * self.dims.iter().product::<usize>();
+        let operands = vec![
+            input(self.x, random(total, 1.0, seed)),
+            output(St::S, total),
+        ];
+        plain(operands, vec![1])
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], d: &[DType]) -> Result<Vec<f64>> {
+        let args = PatchGatherArgs {
+            x: a[0],
+            x_dtype: d[0],
+            out: a[1],
+            batch: self.batch,
+            dims: self.dims,
+            patch: self.patch,
+        };
+        unsafe { be.patch_gather3d(&args) }?;
+        Ok(vec![])
+    }
+    fn cmp(&self) -> Cmp {
+        Cmp::Exact
+    }
+    fn explicit(&self) -> Vec<St> {
+        vec![self.x]
+    }
+}
+
 /// How `add` aliases its operands.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Alias {
@@ -327,6 +1081,147 @@ enum Alias {
     /// a = b = out (`x += x`).
     All,
 }
+
+/// `out = a + b[i % period]`; operands a, b, out, views `offset` elements into their buffers.
+struct Add {
+    n: usize,
+    period: usize,
+    alias: Alias,
+    offset: usize,
+}
+
+impl OpCase for Add {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+    fn params(&self) -> String {
+        let off = flag(self.offset > 0, &format!("off{}", self.offset));
+        format!("n{}_p{}_alias-{:?}{off}", self.n, self.period, self.alias)
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let operands = vec![
+            input_at(St::S, random(self.n, 2.0, seed), self.offset),
+            input_at(St::S, random(self.period, 1.5, seed ^ 1), self.offset),
+            output_at(St::S, self.n, self.offset),
+        ];
+        plain(
+            operands,
+            vec![if self.alias == Alias::None { 2 } else { 0 }],
+        )
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let (b, out) = match self.alias {
+            Alias::None => (a[1], a[2]),
+            Alias::OutA => (a[1], a[0]),
+            Alias::All => (a[0], a[0]),
+        };
+        let args = AddArgs {
+            a: a[0],
+            b,
+            out,
+            n: self.n,
+            period: self.period,
+        };
+        unsafe { be.add(&args) }?;
+        Ok(vec![])
+    }
+    fn reference(&self, host: &[Vec<f32>], _got: &[f64]) -> Option<Reference> {
+        let off = self.offset;
+        let (b, read) = match self.alias {
+            Alias::None => (1, 2),
+            Alias::OutA => (1, 0),
+            Alias::All => (0, 0),
+        };
+        let y = r64::add(&host[0][off..], &host[b][off..], self.n, self.period);
+        Some((vec![written(host, read, off, &y)], vec![]))
+    }
+}
+
+/// `out = act(0.8 x)`; operands x, out.
+struct Activation {
+    n: usize,
+    act: Act,
+    in_place: bool,
+}
+
+impl OpCase for Activation {
+    fn name(&self) -> &'static str {
+        "activation"
+    }
+    fn params(&self) -> String {
+        let inplace = flag(self.in_place, "inplace");
+        format!("n{}_{}{inplace}", self.n, act_tag(self.act))
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let operands = vec![
+            input(St::S, random(self.n, 4.0, seed)),
+            output(St::S, self.n),
+        ];
+        plain(operands, vec![if self.in_place { 0 } else { 1 }])
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let args = ActArgs {
+            x: a[0],
+            out: a[if self.in_place { 0 } else { 1 }],
+            n: self.n,
+            scale: 0.8,
+            act: self.act,
+        };
+        unsafe { be.activation(&args) }?;
+        Ok(vec![])
+    }
+    fn reference(&self, host: &[Vec<f32>], _got: &[f64]) -> Option<Reference> {
+        let y = r64::activation(&host[0], self.n, 0.8, self.act);
+        Some((
+            vec![written(host, if self.in_place { 0 } else { 1 }, 0, &y)],
+            vec![],
+        ))
+    }
+}
+
+/// `out[r] = table[ids[r]] + pos[r]`; operands ids (i32), table, pos, out.
+struct Embed {
+    vocab: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl OpCase for Embed {
+    fn name(&self) -> &'static str {
+        "embed_gather"
+    }
+    fn params(&self) -> String {
+        format!("v{}_r{}_c{}", self.vocab, self.rows, self.cols)
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let (vocab, rows, cols) = (self.vocab, self.rows, self.cols);
+        let ids: Vec<i32> = (0..rows)
+            .map(|r| ((r * 37 + seed as usize) % vocab) as i32)
+            .collect();
+        let operands = vec![
+            raw(DType::I32, bytemuck::cast_slice(&ids).to_vec()),
+            input(St::S, random(vocab * cols, 1.0, seed ^ 1)),
+            input(St::S, random(rows * cols, 0.5, seed ^ 2)),
+            output(St::S, rows * cols),
+        ];
+        plain(operands, vec![3])
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let args = EmbedArgs {
+            ids: a[0],
+            table: a[1],
+            vocab: self.vocab,
+            pos: a[2],
+            out: a[3],
+            rows: self.rows,
+            cols: self.cols,
+        };
+        unsafe { be.embed_gather(&args) }?;
+        Ok(vec![])
+    }
+}
+
+// ----- volume ops (f32, bit for bit) -----
 
 /// Volumes for the foreground statistics (`tests/parity_volume_ops.rs`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -380,11 +1275,12 @@ impl Vol {
             Vol::Constant => vec![2.5; n],
             Vol::Nan | Vol::Inf => {
                 let mut v = hu_volume(n, seed);
-                v[r.below(n as u64) as usize] = if self == Vol::Nan {
+                let bad = if self == Vol::Nan {
                     f32::NAN
                 } else {
                     f32::NEG_INFINITY
                 };
+                v[r.below(n as u64) as usize] = bad;
                 v
             }
             Vol::Empty => vec![1.0],
@@ -423,138 +1319,360 @@ fn counts(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-#[derive(Clone, Debug)]
-enum Op {
-    Gemm {
-        batch: usize,
-        m: usize,
-        n: usize,
-        k: usize,
-        b_trans: bool,
-        /// B shared by every batch (batch stride 0).
-        bcast_b: bool,
-        bias: bool,
-        act: Act,
-        res: Res,
-        alpha: f32,
-        /// Extra elements in every leading dimension and batch stride.
-        pad: usize,
-    },
-    Attention {
-        batch: usize,
-        heads: usize,
-        nq: usize,
-        nk: usize,
-        hd: usize,
-        causal: bool,
-        layout: Layout,
-        /// `None`: 1 / sqrt(hd).
-        scale: Option<f32>,
-    },
-    LayerNorm {
-        rows: usize,
-        cols: usize,
-        in_place: bool,
-    },
-    LayerNormJoint {
-        batch: usize,
-        n: usize,
-        act: Act,
-        in_place: bool,
-    },
-    ConvT {
-        batch: usize,
-        cin: usize,
-        cout: usize,
-        dims: [usize; 3],
-        channels_last: bool,
-        act: Act,
-        /// x and out start this many elements into their buffers (unaligned).
-        offset: usize,
-    },
-    Interp {
-        planes: usize,
-        src: [usize; 3],
-        dst: [usize; 3],
-        mode: InterpMode,
-        x: St,
-        out: St,
-    },
-    PatchGather {
-        batch: usize,
-        dims: [usize; 3],
-        patch: [usize; 3],
-        x: St,
-    },
-    Add {
-        n: usize,
-        period: usize,
-        alias: Alias,
-        offset: usize,
-    },
-    Activation {
-        n: usize,
-        act: Act,
-        in_place: bool,
-    },
-    Embed {
-        vocab: usize,
-        rows: usize,
-        cols: usize,
-    },
-    ForegroundStats {
-        dims: [usize; 3],
-        vol: Vol,
-        misalign: bool,
-    },
-    ClipZscore {
-        n: usize,
-        misalign: bool,
-        in_place: bool,
-    },
-    ShiftScale {
-        n: usize,
-        misalign: bool,
-        in_place: bool,
-    },
-    BboxAbove {
-        dims: [usize; 3],
-        start: [usize; 3],
-        extent: [usize; 3],
-        /// Positives per 1000 voxels (0: no box).
-        density: u64,
-        misalign: bool,
-    },
-    CopyBox {
-        src_dims: [usize; 3],
-        src_start: [i64; 3],
-        dst_dims: [usize; 3],
-        dst_start: [usize; 3],
-        extent: [usize; 3],
-        dst: St,
-        misalign: bool,
-    },
-    Accumulate {
-        dims: [usize; 3],
-        window: [usize; 3],
-        start: [usize; 3],
-    },
-    DivideCounts {
-        n: usize,
-        misalign: bool,
-        in_place: bool,
-    },
-    Fill {
-        n: usize,
-        misalign: bool,
-    },
-    ThresholdU8 {
-        n: usize,
-        misalign: bool,
-    },
+/// The common trait items of the volume ops.
+macro_rules! volume_op {
+    () => {
+        fn cmp(&self) -> Cmp {
+            Cmp::Exact
+        }
+        fn storage_independent(&self) -> bool {
+            true
+        }
+    };
 }
 
-/// The Backend ops the table must cover, by the names [`Op::name`] gives.
+/// Statistics of operand x (unaligned with `misalign`); scalars threshold, count, p_lo, p_hi,
+/// mean, std.
+struct ForegroundStats {
+    dims: [usize; 3],
+    vol: Vol,
+    misalign: bool,
+}
+
+impl OpCase for ForegroundStats {
+    volume_op!();
+    fn name(&self) -> &'static str {
+        "foreground_stats"
+    }
+    fn params(&self) -> String {
+        let m = flag(self.misalign, "misalign");
+        format!("{}_{:?}{m}", dims_tag(self.dims), self.vol)
+    }
+    fn expects_error(&self) -> bool {
+        self.vol.is_error()
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let n = self.dims.iter().product::<usize>();
+        let x = self.vol.values(n, seed);
+        plain(vec![input_at(St::F32, x, self.misalign as usize)], vec![])
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let s = unsafe { be.foreground_stats(a[0], self.dims) }?;
+        Ok(vec![
+            s.threshold as f64,
+            s.count as f64,
+            s.p_lo,
+            s.p_hi,
+            s.mean as f64,
+            s.std as f64,
+        ])
+    }
+    fn reference(&self, host: &[Vec<f32>], got: &[f64]) -> Option<Reference> {
+        let n: usize = self.dims.iter().product();
+        let x = &host[0][self.misalign as usize..][..n];
+        let (count, p_lo, p_hi) = r64::foreground_count_percentiles(x, got[0] as f32);
+        let (threshold, mean, std) = r64::foreground_moments(x, got[0] as f32);
+        // numpy's float32 pairwise sums against f64 ones: within 1e-5 (their error grows like
+        // log2(n) * 2^-24 * sum|x| / |sum x|: 1.0e-6 was seen on 4 M HU voxels, whose mean
+        // cancels); count and percentiles exact.
+        let s = vec![
+            (threshold, 1e-5),
+            (count as f64, 0.0),
+            (p_lo, 0.0),
+            (p_hi, 0.0),
+            (mean, 1e-5),
+            (std, 1e-5),
+        ];
+        Some((vec![], s))
+    }
+}
+
+/// Elementwise volume ops on operand x (unaligned views with `misalign`), out (or x in place).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Elementwise {
+    /// `clip_zscore` (scalars min, max).
+    ClipZscore,
+    ShiftScale,
+    /// `divide_counts` (operand 1: counts).
+    DivideCounts,
+}
+
+struct VolElementwise {
+    op: Elementwise,
+    n: usize,
+    misalign: bool,
+    in_place: bool,
+}
+
+impl OpCase for VolElementwise {
+    volume_op!();
+    fn name(&self) -> &'static str {
+        match self.op {
+            Elementwise::ClipZscore => "clip_zscore",
+            Elementwise::ShiftScale => "shift_scale",
+            Elementwise::DivideCounts => "divide_counts",
+        }
+    }
+    fn params(&self) -> String {
+        let (m, i) = (
+            flag(self.misalign, "misalign"),
+            flag(self.in_place, "inplace"),
+        );
+        format!("n{}{m}{i}", self.n)
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let (n, off) = (self.n, self.misalign as usize);
+        let x = if self.op == Elementwise::DivideCounts {
+            random(n, 3.0, seed)
+        } else {
+            float_volume(n, seed)
+        };
+        let operands = vec![
+            input_at(St::F32, x, off),
+            input_at(St::F32, counts(n, seed), off),
+            output_at(St::F32, n, off),
+        ];
+        plain(operands, vec![if self.in_place { 0 } else { 2 }])
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let (x, n) = (a[0], self.n);
+        let out = if self.in_place { a[0] } else { a[2] };
+        match self.op {
+            Elementwise::ClipZscore => {
+                let args = ClipZscoreArgs {
+                    x,
+                    out,
+                    n,
+                    lo: -300.5,
+                    hi: 1100.25,
+                    mean: 412.5,
+                    std: 287.3,
+                };
+                let (lo, hi) = unsafe { be.clip_zscore(&args) }?;
+                Ok(vec![lo as f64, hi as f64])
+            }
+            Elementwise::ShiftScale => {
+                let args = ShiftScaleArgs {
+                    x,
+                    out,
+                    n,
+                    sub: -25.75,
+                    div: 1790.3,
+                };
+                unsafe { be.shift_scale(&args) }?;
+                Ok(vec![])
+            }
+            Elementwise::DivideCounts => {
+                unsafe { be.divide_counts(x, a[1], out, n) }?;
+                Ok(vec![])
+            }
+        }
+    }
+}
+
+/// `fill` (operand 0, value -1.75) or `threshold_u8` (x, then a u8 out at the same offset).
+struct FillOrThreshold {
+    threshold: bool,
+    n: usize,
+    misalign: bool,
+}
+
+impl OpCase for FillOrThreshold {
+    volume_op!();
+    fn name(&self) -> &'static str {
+        if self.threshold {
+            "threshold_u8"
+        } else {
+            "fill"
+        }
+    }
+    fn params(&self) -> String {
+        format!("n{}{}", self.n, flag(self.misalign, "misalign"))
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let (n, off) = (self.n, self.misalign as usize);
+        if self.threshold {
+            let x = input_at(St::F32, random(n, 3.0, seed), off);
+            plain(vec![x, output_at(St::Is(DType::U8), n, off)], vec![1])
+        } else {
+            plain(vec![output_at(St::F32, n, off)], vec![0])
+        }
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        if self.threshold {
+            unsafe { be.threshold_u8(a[0], a[1], self.n, 0.25) }?;
+        } else {
+            unsafe { be.fill(a[0], self.n, -1.75) }?;
+        }
+        Ok(vec![])
+    }
+}
+
+/// Bounding box of `x > 0` in a sub-box of operand x; scalars the box (or -1: none).
+struct BboxAbove {
+    dims: [usize; 3],
+    start: [usize; 3],
+    extent: [usize; 3],
+    /// Positives per 1000 voxels (0: no box).
+    density: u64,
+    misalign: bool,
+}
+
+impl OpCase for BboxAbove {
+    volume_op!();
+    fn name(&self) -> &'static str {
+        "bbox_above"
+    }
+    fn params(&self) -> String {
+        format!(
+            "{}_at{}_ext{}_d{}{}",
+            dims_tag(self.dims),
+            dims_tag(self.start),
+            dims_tag(self.extent),
+            self.density,
+            flag(self.misalign, "misalign")
+        )
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let n: usize = self.dims.iter().product();
+        let mut r = Rng(seed);
+        let x: Vec<f32> = (0..n)
+            .map(|_| {
+                if r.below(1000) < self.density {
+                    r.unit() + 0.01
+                } else {
+                    -r.unit()
+                }
+            })
+            .collect();
+        Spec {
+            operands: vec![input_at(St::F32, x, self.misalign as usize)],
+            reads: vec![],
+            flops: 0.0,
+            bytes: Some(4.0 * self.extent.iter().product::<usize>() as f64),
+        }
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let b = unsafe { be.bbox_above(a[0], self.dims, self.start, self.extent, 0.0) }?;
+        Ok(b.map_or(vec![-1.0], |b| b.iter().map(|&v| v as f64).collect()))
+    }
+}
+
+/// A box from operand src (zero padding outside it) into operand dst of dtype `dst`.
+struct CopyBox {
+    src_dims: [usize; 3],
+    src_start: [i64; 3],
+    dst_dims: [usize; 3],
+    dst_start: [usize; 3],
+    extent: [usize; 3],
+    dst: St,
+    misalign: bool,
+}
+
+impl OpCase for CopyBox {
+    volume_op!();
+    fn name(&self) -> &'static str {
+        "copy_box"
+    }
+    fn params(&self) -> String {
+        let s = self.src_start;
+        format!(
+            "{}_from{},{},{}_to{}_at{}_ext{}_{}{}",
+            dims_tag(self.src_dims),
+            s[0],
+            s[1],
+            s[2],
+            dims_tag(self.dst_dims),
+            dims_tag(self.dst_start),
+            dims_tag(self.extent),
+            self.dst.tag(),
+            flag(self.misalign, "misalign")
+        )
+    }
+    fn explicit(&self) -> Vec<St> {
+        vec![self.dst]
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let ns: usize = self.src_dims.iter().product();
+        let nd: usize = self.dst_dims.iter().product();
+        let ne: usize = self.extent.iter().product();
+        let src = random(ns, 50.0, seed);
+        Spec {
+            operands: vec![
+                input_at(St::F32, src, self.misalign as usize),
+                output(self.dst, nd),
+            ],
+            reads: vec![1],
+            flops: 0.0,
+            bytes: Some(ne as f64 * (4 + self.dst.on(DType::F32).size()) as f64),
+        }
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], d: &[DType]) -> Result<Vec<f64>> {
+        let args = CopyBoxArgs {
+            src: a[0],
+            src_dims: self.src_dims,
+            src_start: self.src_start,
+            dst: a[1],
+            dst_dtype: d[1],
+            dst_dims: self.dst_dims,
+            dst_start: self.dst_start,
+            extent: self.extent,
+            pad: 0.0,
+        };
+        unsafe { be.copy_box(&args) }?;
+        Ok(vec![])
+    }
+}
+
+/// One window (operand win) added into accumulators acc and cnt holding earlier windows.
+struct Accumulate {
+    dims: [usize; 3],
+    window: [usize; 3],
+    start: [usize; 3],
+}
+
+impl OpCase for Accumulate {
+    volume_op!();
+    fn name(&self) -> &'static str {
+        "accumulate_window"
+    }
+    fn params(&self) -> String {
+        let (d, w, s) = (
+            dims_tag(self.dims),
+            dims_tag(self.window),
+            dims_tag(self.start),
+        );
+        format!("{d}_win{w}_at{s}")
+    }
+    fn spec(&self, seed: u64) -> Spec {
+        let n: usize = self.dims.iter().product();
+        let nw: usize = self.window.iter().product();
+        Spec {
+            operands: vec![
+                input(St::F32, random(nw, 4.0, seed)),
+                input(St::F32, random(n, 2.0, seed ^ 1)),
+                input(St::F32, counts(n, seed)),
+            ],
+            reads: vec![1, 2],
+            flops: 0.0,
+            bytes: Some(nw as f64 * 4.0 * 5.0),
+        }
+    }
+    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], _d: &[DType]) -> Result<Vec<f64>> {
+        let args = AccumulateArgs {
+            win: a[0],
+            window: self.window,
+            acc: a[1],
+            cnt: a[2],
+            dims: self.dims,
+            start: self.start,
+        };
+        unsafe { be.accumulate_window(&args) }?;
+        Ok(vec![])
+    }
+}
+
+/// The Backend ops the table must cover, by the names [`OpCase::name`] gives.
 const ALL_OPS: [&str; 19] = [
     "gemm",
     "attention",
@@ -577,1244 +1695,28 @@ const ALL_OPS: [&str; 19] = [
     "threshold_u8",
 ];
 
-/// How a case's outputs are compared with the CPU's.
-#[derive(Clone, Copy, PartialEq)]
-enum Cmp {
-    /// Within the storage dtype's tolerance.
-    Tol,
-    /// Bit for bit, after rounding the CPU's value through the output dtype.
-    Exact,
-}
-
-fn act_tag(a: Act) -> &'static str {
-    match a {
-        Act::None => "none",
-        Act::Gelu => "gelu",
-        Act::Relu => "relu",
-        Act::QuickGelu => "qgelu",
-    }
-}
-
-fn dims_tag(d: [usize; 3]) -> String {
-    format!("{}x{}x{}", d[0], d[1], d[2])
-}
-
-impl Op {
-    fn name(&self) -> &'static str {
-        match self {
-            Op::Gemm { .. } => "gemm",
-            Op::Attention { .. } => "attention",
-            Op::LayerNorm { .. } => "layer_norm",
-            Op::LayerNormJoint { .. } => "layer_norm_joint",
-            Op::ConvT { .. } => "conv_transpose3d_k2s2",
-            Op::Interp { .. } => "interp3d",
-            Op::PatchGather { .. } => "patch_gather3d",
-            Op::Add { .. } => "add",
-            Op::Activation { .. } => "activation",
-            Op::Embed { .. } => "embed_gather",
-            Op::ForegroundStats { .. } => "foreground_stats",
-            Op::ClipZscore { .. } => "clip_zscore",
-            Op::ShiftScale { .. } => "shift_scale",
-            Op::BboxAbove { .. } => "bbox_above",
-            Op::CopyBox { .. } => "copy_box",
-            Op::Accumulate { .. } => "accumulate_window",
-            Op::DivideCounts { .. } => "divide_counts",
-            Op::Fill { .. } => "fill",
-            Op::ThresholdU8 { .. } => "threshold_u8",
-        }
-    }
-
-    /// A name without spaces: the op, then its parameters.
-    fn label(&self) -> String {
-        let f = |b: bool, s: &str| if b { format!("_{s}") } else { String::new() };
-        let p = match self {
-            Op::Gemm {
-                batch,
-                m,
-                n,
-                k,
-                b_trans,
-                bcast_b,
-                bias,
-                act,
-                res,
-                alpha,
-                pad,
-            } => format!(
-                "b{batch}_m{m}_n{n}_k{k}{}{}{}_{}_res-{res:?}{}{}",
-                f(*b_trans, "bt"),
-                f(*bcast_b, "bcastb"),
-                f(*bias, "bias"),
-                act_tag(*act),
-                if *alpha != 1.0 {
-                    format!("_alpha{alpha}")
-                } else {
-                    String::new()
-                },
-                f(*pad > 0, &format!("pad{pad}")),
-            ),
-            Op::Attention {
-                batch,
-                heads,
-                nq,
-                nk,
-                hd,
-                causal,
-                layout,
-                scale,
-            } => format!(
-                "b{batch}_h{heads}_nq{nq}_nk{nk}_d{hd}{}_{}{}",
-                f(*causal, "causal"),
-                match layout {
-                    Layout::Contig => "contig".to_string(),
-                    Layout::Packed(p) => format!("packed-pad{p}"),
-                    Layout::Odd => "odd".to_string(),
-                },
-                scale.map_or(String::new(), |s| format!("_scale{s}")),
-            ),
-            Op::LayerNorm {
-                rows,
-                cols,
-                in_place,
-            } => format!("{rows}x{cols}{}", f(*in_place, "inplace")),
-            Op::LayerNormJoint {
-                batch,
-                n,
-                act,
-                in_place,
-            } => format!("b{batch}_n{n}_{}{}", act_tag(*act), f(*in_place, "inplace")),
-            Op::ConvT {
-                batch,
-                cin,
-                cout,
-                dims,
-                channels_last,
-                act,
-                offset,
-            } => format!(
-                "b{batch}_cin{cin}_cout{cout}_{}_{}_{}{}",
-                dims_tag(*dims),
-                if *channels_last { "cl" } else { "cf" },
-                act_tag(*act),
-                f(*offset > 0, &format!("off{offset}")),
-            ),
-            Op::Interp {
-                planes,
-                src,
-                dst,
-                mode,
-                x,
-                out,
-            } => format!(
-                "{mode:?}_p{planes}_{}-{}_{}-{}",
-                dims_tag(*src),
-                dims_tag(*dst),
-                x.tag(),
-                out.tag()
-            ),
-            Op::PatchGather {
-                batch,
-                dims,
-                patch,
-                x,
-            } => format!(
-                "b{batch}_{}_p{}_x-{}",
-                dims_tag(*dims),
-                dims_tag(*patch),
-                x.tag()
-            ),
-            Op::Add {
-                n,
-                period,
-                alias,
-                offset,
-            } => format!(
-                "n{n}_p{period}_alias-{alias:?}{}",
-                f(*offset > 0, &format!("off{offset}"))
-            ),
-            Op::Activation { n, act, in_place } => {
-                format!("n{n}_{}{}", act_tag(*act), f(*in_place, "inplace"))
-            }
-            Op::Embed { vocab, rows, cols } => format!("v{vocab}_r{rows}_c{cols}"),
-            Op::ForegroundStats {
-                dims,
-                vol,
-                misalign,
-            } => format!("{}_{vol:?}{}", dims_tag(*dims), f(*misalign, "misalign")),
-            Op::ClipZscore {
-                n,
-                misalign,
-                in_place,
-            }
-            | Op::ShiftScale {
-                n,
-                misalign,
-                in_place,
-            }
-            | Op::DivideCounts {
-                n,
-                misalign,
-                in_place,
-            } => format!(
-                "n{n}{}{}",
-                f(*misalign, "misalign"),
-                f(*in_place, "inplace")
-            ),
-            Op::BboxAbove {
-                dims,
-                start,
-                extent,
-                density,
-                misalign,
-            } => format!(
-                "{}_at{}_ext{}_d{density}{}",
-                dims_tag(*dims),
-                dims_tag(*start),
-                dims_tag(*extent),
-                f(*misalign, "misalign")
-            ),
-            Op::CopyBox {
-                src_dims,
-                src_start,
-                dst_dims,
-                dst_start,
-                extent,
-                dst,
-                misalign,
-            } => format!(
-                "{}_from{},{},{}_to{}_at{}_ext{}_{}{}",
-                dims_tag(*src_dims),
-                src_start[0],
-                src_start[1],
-                src_start[2],
-                dims_tag(*dst_dims),
-                dims_tag(*dst_start),
-                dims_tag(*extent),
-                dst.tag(),
-                f(*misalign, "misalign")
-            ),
-            Op::Accumulate {
-                dims,
-                window,
-                start,
-            } => format!(
-                "{}_win{}_at{}",
-                dims_tag(*dims),
-                dims_tag(*window),
-                dims_tag(*start)
-            ),
-            Op::Fill { n, misalign } | Op::ThresholdU8 { n, misalign } => {
-                format!("n{n}{}", f(*misalign, "misalign"))
-            }
-        };
-        format!("{}/{p}", self.name())
-    }
-
-    fn cmp(&self) -> Cmp {
-        match self {
-            Op::Gemm { .. }
-            | Op::Attention { .. }
-            | Op::LayerNorm { .. }
-            | Op::LayerNormJoint { .. }
-            | Op::ConvT { .. }
-            | Op::Add { .. }
-            | Op::Activation { .. }
-            | Op::Embed { .. } => Cmp::Tol,
-            _ => Cmp::Exact,
-        }
-    }
-
-    /// Volume ops compute in f32 whatever the storage dtype: one device per spec runs them.
-    fn storage_independent(&self) -> bool {
-        matches!(
-            self,
-            Op::ForegroundStats { .. }
-                | Op::ClipZscore { .. }
-                | Op::ShiftScale { .. }
-                | Op::BboxAbove { .. }
-                | Op::CopyBox { .. }
-                | Op::Accumulate { .. }
-                | Op::DivideCounts { .. }
-                | Op::Fill { .. }
-                | Op::ThresholdU8 { .. }
-        )
-    }
-
-    fn expects_error(&self) -> bool {
-        matches!(self, Op::ForegroundStats { vol, .. } if vol.is_error())
-    }
-
-    /// The operands (fresh random inputs from `seed`), the outputs to compare, and the work.
-    fn spec(&self, seed: u64) -> Spec {
-        let plain = |operands: Vec<Operand>, reads: Vec<usize>| Spec {
-            operands,
-            reads,
-            flops: 0.0,
-            bytes: None,
-        };
-        match *self {
-            Op::Gemm {
-                batch,
-                m,
-                n,
-                k,
-                bias,
-                res,
-                ..
-            } => {
-                let g = GemmLayout::new(self);
-                let a = random(g.len_a, 1.0, seed);
-                let b = random(g.len_b, 1.0, seed ^ 1);
-                let c = if res == Res::InPlace {
-                    input(St::S, random(g.len_c, 2.0, seed ^ 2))
-                } else {
-                    output(St::S, g.len_c)
-                };
-                let ops = vec![
-                    input(St::S, a),
-                    input(St::S, b),
-                    c,
-                    input(St::S, random(if bias { n } else { 1 }, 1.0, seed ^ 3)),
-                    input(St::S, random(g.len_r.max(1), 1.0, seed ^ 4)),
-                ];
-                Spec {
-                    operands: ops,
-                    reads: vec![2],
-                    flops: 2.0 * (batch * m * n * k) as f64,
-                    bytes: None,
-                }
-            }
-            Op::Attention {
-                batch,
-                heads,
-                nq,
-                nk,
-                hd,
-                causal,
-                ..
-            } => {
-                let l = AttnLayout::new(self);
-                let mut ops: Vec<Operand> = l
-                    .inputs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &len)| {
-                        let scale = if i == 2 { 1.0 } else { 1.5 };
-                        input(St::S, random(len, scale, seed.wrapping_add(i as u64)))
-                    })
-                    .collect();
-                ops.push(output(St::S, l.out_len));
-                let keys: f64 = if causal {
-                    (0..nq).map(|i| nk.min(i + 1) as f64).sum()
-                } else {
-                    (nq * nk) as f64
-                };
-                Spec {
-                    reads: vec![ops.len() - 1],
-                    operands: ops,
-                    flops: 4.0 * (batch * heads * hd) as f64 * keys,
-                    bytes: None,
-                }
-            }
-            Op::LayerNorm { rows, cols, .. } => {
-                let x: Vec<f32> = random(rows * cols, 3.0, seed)
-                    .iter()
-                    .map(|v| v + 5.0)
-                    .collect();
-                let ops = vec![
-                    input(St::S, x),
-                    input(St::S, random(cols, 1.0, seed ^ 1)),
-                    input(St::S, random(cols, 0.5, seed ^ 2)),
-                    output(St::S, rows * cols),
-                ];
-                plain(ops, vec![self.out_index(3)])
-            }
-            Op::LayerNormJoint { batch, n, .. } => {
-                let x: Vec<f32> = random(batch * n, 2.0, seed)
-                    .iter()
-                    .map(|v| v - 0.7)
-                    .collect();
-                let ops = vec![
-                    input(St::S, x),
-                    input(St::S, random(n, 1.0, seed ^ 1)),
-                    input(St::S, random(n, 0.5, seed ^ 2)),
-                    output(St::S, batch * n),
-                ];
-                plain(ops, vec![self.out_index(3)])
-            }
-            Op::ConvT {
-                batch,
-                cin,
-                cout,
-                dims,
-                offset,
-                ..
-            } => {
-                let vox: usize = dims.iter().product();
-                let ws = 1.0 / (cin as f32).sqrt().max(1.0);
-                let ops = vec![
-                    input_at(St::S, random(batch * cin * vox, 1.0, seed), offset),
-                    input(St::S, random(cin * cout * 8, ws, seed ^ 1)),
-                    input(St::S, random(cout, 0.5, seed ^ 2)),
-                    output_at(St::S, batch * cout * 8 * vox, offset),
-                ];
-                Spec {
-                    operands: ops,
-                    reads: vec![3],
-                    flops: 2.0 * (batch * cin * cout * 8 * vox) as f64,
-                    bytes: None,
-                }
-            }
-            Op::Interp {
-                planes,
-                src,
-                dst,
-                x,
-                out,
-                ..
-            } => {
-                let n_in = planes * src.iter().product::<usize>();
-                let n_out = planes * dst.iter().product::<usize>();
-                plain(
-                    vec![input(x, random(n_in, 4.0, seed)), output(out, n_out)],
-                    vec![1],
-                )
-            }
-            Op::PatchGather { batch, dims, x, .. } => {
-                let total = batch * dims.iter().product::<usize>();
-                plain(
-                    vec![input(x, random(total, 1.0, seed)), output(St::S, total)],
-                    vec![1],
-                )
-            }
-            Op::Add {
-                n,
-                period,
-                alias,
-                offset,
-            } => {
-                let ops = vec![
-                    input_at(St::S, random(n, 2.0, seed), offset),
-                    input_at(St::S, random(period, 1.5, seed ^ 1), offset),
-                    output_at(St::S, n, offset),
-                ];
-                let read = if alias == Alias::None { 2 } else { 0 };
-                plain(ops, vec![read])
-            }
-            Op::Activation { n, in_place, .. } => {
-                let ops = vec![input(St::S, random(n, 4.0, seed)), output(St::S, n)];
-                plain(ops, vec![if in_place { 0 } else { 1 }])
-            }
-            Op::Embed { vocab, rows, cols } => {
-                let ids: Vec<i32> = (0..rows)
-                    .map(|r| ((r * 37 + seed as usize) % vocab) as i32)
-                    .collect();
-                let ops = vec![
-                    raw(DType::I32, bytemuck::cast_slice(&ids).to_vec()),
-                    input(St::S, random(vocab * cols, 1.0, seed ^ 1)),
-                    input(St::S, random(rows * cols, 0.5, seed ^ 2)),
-                    output(St::S, rows * cols),
-                ];
-                plain(ops, vec![3])
-            }
-            Op::ForegroundStats {
-                dims,
-                vol,
-                misalign,
-            } => {
-                let n = dims.iter().product::<usize>();
-                plain(
-                    vec![input_at(St::F32, vol.values(n, seed), misalign as usize)],
-                    vec![],
-                )
-            }
-            Op::ClipZscore {
-                n,
-                misalign,
-                in_place,
-            }
-            | Op::ShiftScale {
-                n,
-                misalign,
-                in_place,
-            } => {
-                let off = misalign as usize;
-                let ops = vec![
-                    input_at(St::F32, float_volume(n, seed), off),
-                    output_at(St::F32, n, off),
-                ];
-                plain(ops, vec![if in_place { 0 } else { 1 }])
-            }
-            Op::BboxAbove {
-                dims,
-                density,
-                misalign,
-                extent,
-                ..
-            } => {
-                let n: usize = dims.iter().product();
-                let mut r = Rng(seed);
-                let x: Vec<f32> = (0..n)
-                    .map(|_| {
-                        if r.below(1000) < density {
-                            r.unit() + 0.01
-                        } else {
-                            -r.unit()
-                        }
-                    })
-                    .collect();
-                Spec {
-                    operands: vec![input_at(St::F32, x, misalign as usize)],
-                    reads: vec![],
-                    flops: 0.0,
-                    bytes: Some(4.0 * extent.iter().product::<usize>() as f64),
-                }
-            }
-            Op::CopyBox {
-                src_dims,
-                dst_dims,
-                extent,
-                dst,
-                misalign,
-                ..
-            } => {
-                let ns: usize = src_dims.iter().product();
-                let nd: usize = dst_dims.iter().product();
-                let ne: usize = extent.iter().product();
-                Spec {
-                    operands: vec![
-                        input_at(St::F32, random(ns, 50.0, seed), misalign as usize),
-                        output(dst, nd),
-                    ],
-                    reads: vec![1],
-                    flops: 0.0,
-                    bytes: Some(ne as f64 * (4 + dst.on(DType::F32).size()) as f64),
-                }
-            }
-            Op::Accumulate { dims, window, .. } => {
-                let n: usize = dims.iter().product();
-                let nw: usize = window.iter().product();
-                Spec {
-                    operands: vec![
-                        input(St::F32, random(nw, 4.0, seed)),
-                        input(St::F32, random(n, 2.0, seed ^ 1)),
-                        input(St::F32, counts(n, seed)),
-                    ],
-                    reads: vec![1, 2],
-                    flops: 0.0,
-                    bytes: Some(nw as f64 * 4.0 * 5.0),
-                }
-            }
-            Op::DivideCounts {
-                n,
-                misalign,
-                in_place,
-            } => {
-                let off = misalign as usize;
-                let ops = vec![
-                    input_at(St::F32, random(n, 3.0, seed), off),
-                    input_at(St::F32, counts(n, seed), off),
-                    output_at(St::F32, n, off),
-                ];
-                plain(ops, vec![if in_place { 0 } else { 2 }])
-            }
-            Op::Fill { n, misalign } => {
-                plain(vec![output_at(St::F32, n, misalign as usize)], vec![0])
-            }
-            Op::ThresholdU8 { n, misalign } => {
-                let off = misalign as usize;
-                plain(
-                    vec![
-                        input_at(St::F32, random(n, 3.0, seed), off),
-                        output_at(St::Is(DType::U8), n, off),
-                    ],
-                    vec![1],
-                )
-            }
-        }
-    }
-
-    /// The operand an in-place op writes: its input 0, else `out`.
-    fn out_index(&self, out: usize) -> usize {
-        match self {
-            Op::LayerNorm { in_place, .. } | Op::LayerNormJoint { in_place, .. } if *in_place => 0,
-            _ => out,
-        }
-    }
-
-    /// Launches the op on `be` with operand addresses `a` (dtypes `d`); returns its scalar
-    /// results (statistics, min / max, a box).
-    ///
-    /// # Safety
-    /// `a` and `d` come from [`place`] with this case's spec.
-    unsafe fn launch(&self, be: &dyn Backend, a: &[Addr], d: &[DType]) -> Result<Vec<f64>> {
-        let none = Ok(Vec::new());
-        match *self {
-            Op::Gemm {
-                batch,
-                m,
-                n,
-                k,
-                b_trans,
-                bias,
-                act,
-                res,
-                alpha,
-                ..
-            } => {
-                let g = GemmLayout::new(self);
-                let residual = match res {
-                    Res::None => None,
-                    Res::InPlace => Some(Residual {
-                        addr: a[2],
-                        ld: g.ldc,
-                        batch_stride: g.bsc,
-                    }),
-                    _ => Some(Residual {
-                        addr: a[4],
-                        ld: g.ldr,
-                        batch_stride: g.bsr,
-                    }),
-                };
-                let args = GemmArgs {
-                    batch,
-                    m,
-                    n,
-                    k,
-                    a: a[0],
-                    lda: g.lda,
-                    batch_stride_a: g.bsa,
-                    b: a[1],
-                    ldb: g.ldb,
-                    batch_stride_b: g.bsb,
-                    b_trans,
-                    c: a[2],
-                    ldc: g.ldc,
-                    batch_stride_c: g.bsc,
-                    alpha,
-                    bias: bias.then_some(a[3]),
-                    act,
-                    residual,
-                };
-                unsafe { be.gemm(&args) }?;
-                none
-            }
-            Op::Attention {
-                batch,
-                heads,
-                nq,
-                nk,
-                hd,
-                causal,
-                ..
-            } => {
-                let l = AttnLayout::new(self);
-                let o = l.inputs.len();
-                let at = |v: AView, buf: usize| a[buf] + (v.off * d[buf].size()) as u64;
-                let args = AttentionArgs {
-                    batch,
-                    heads,
-                    nq,
-                    nk,
-                    head_dim: hd,
-                    q: at(l.q, l.q.buf),
-                    q_row: l.q.row,
-                    q_batch: l.q.batch,
-                    k: at(l.k, l.k.buf),
-                    k_row: l.k.row,
-                    k_batch: l.k.batch,
-                    v: at(l.v, l.v.buf),
-                    v_row: l.v.row,
-                    v_batch: l.v.batch,
-                    out: at(l.out, o),
-                    o_row: l.out.row,
-                    o_batch: l.out.batch,
-                    scale: l.scale,
-                    causal,
-                };
-                unsafe { be.attention(&args) }?;
-                none
-            }
-            Op::LayerNorm { rows, cols, .. } => {
-                let args = LayerNormArgs {
-                    x: a[0],
-                    out: a[self.out_index(3)],
-                    rows,
-                    cols,
-                    weight: a[1],
-                    bias: a[2],
-                    eps: 1e-5,
-                };
-                unsafe { be.layer_norm(&args) }?;
-                none
-            }
-            Op::LayerNormJoint { batch, n, act, .. } => {
-                let args = LayerNormJointArgs {
-                    x: a[0],
-                    out: a[self.out_index(3)],
-                    batch,
-                    n,
-                    weight: a[1],
-                    bias: a[2],
-                    eps: 1e-5,
-                    act,
-                };
-                unsafe { be.layer_norm_joint(&args) }?;
-                none
-            }
-            Op::ConvT {
-                batch,
-                cin,
-                cout,
-                dims,
-                channels_last,
-                act,
-                ..
-            } => {
-                let args = ConvT3dArgs {
-                    x: a[0],
-                    out: a[3],
-                    weight: a[1],
-                    bias: a[2],
-                    batch,
-                    cin,
-                    cout,
-                    dims,
-                    channels_last_input: channels_last,
-                    act,
-                };
-                unsafe { be.conv_transpose3d_k2s2(&args) }?;
-                none
-            }
-            Op::Interp {
-                planes,
-                src,
-                dst,
-                mode,
-                ..
-            } => {
-                let args = Interp3dArgs {
-                    x: a[0],
-                    x_dtype: d[0],
-                    out: a[1],
-                    out_dtype: d[1],
-                    planes,
-                    src,
-                    dst,
-                    mode,
-                };
-                unsafe { be.interp3d(&args) }?;
-                none
-            }
-            Op::PatchGather {
-                batch, dims, patch, ..
-            } => {
-                let args = PatchGatherArgs {
-                    x: a[0],
-                    x_dtype: d[0],
-                    out: a[1],
-                    batch,
-                    dims,
-                    patch,
-                };
-                unsafe { be.patch_gather3d(&args) }?;
-                none
-            }
-            Op::Add {
-                n, period, alias, ..
-            } => {
-                let (b, out) = match alias {
-                    Alias::None => (a[1], a[2]),
-                    Alias::OutA => (a[1], a[0]),
-                    Alias::All => (a[0], a[0]),
-                };
-                let args = AddArgs {
-                    a: a[0],
-                    b,
-                    out,
-                    n,
-                    period,
-                };
-                unsafe { be.add(&args) }?;
-                none
-            }
-            Op::Activation { n, act, in_place } => {
-                let args = ActArgs {
-                    x: a[0],
-                    out: if in_place { a[0] } else { a[1] },
-                    n,
-                    scale: 0.8,
-                    act,
-                };
-                unsafe { be.activation(&args) }?;
-                none
-            }
-            Op::Embed { vocab, rows, cols } => {
-                let args = EmbedArgs {
-                    ids: a[0],
-                    table: a[1],
-                    vocab,
-                    pos: a[2],
-                    out: a[3],
-                    rows,
-                    cols,
-                };
-                unsafe { be.embed_gather(&args) }?;
-                none
-            }
-            Op::ForegroundStats { dims, .. } => {
-                let s = unsafe { be.foreground_stats(a[0], dims) }?;
-                Ok(vec![
-                    s.threshold as f64,
-                    s.count as f64,
-                    s.p_lo,
-                    s.p_hi,
-                    s.mean as f64,
-                    s.std as f64,
-                ])
-            }
-            Op::ClipZscore { n, in_place, .. } => {
-                let args = ClipZscoreArgs {
-                    x: a[0],
-                    out: if in_place { a[0] } else { a[1] },
-                    n,
-                    lo: -300.5,
-                    hi: 1100.25,
-                    mean: 412.5,
-                    std: 287.3,
-                };
-                let (lo, hi) = unsafe { be.clip_zscore(&args) }?;
-                Ok(vec![lo as f64, hi as f64])
-            }
-            Op::ShiftScale { n, in_place, .. } => {
-                let args = ShiftScaleArgs {
-                    x: a[0],
-                    out: if in_place { a[0] } else { a[1] },
-                    n,
-                    sub: -25.75,
-                    div: 1790.3,
-                };
-                unsafe { be.shift_scale(&args) }?;
-                none
-            }
-            Op::BboxAbove {
-                dims,
-                start,
-                extent,
-                ..
-            } => {
-                let b = unsafe { be.bbox_above(a[0], dims, start, extent, 0.0) }?;
-                Ok(match b {
-                    None => vec![-1.0],
-                    Some(b) => b.iter().map(|&v| v as f64).collect(),
-                })
-            }
-            Op::CopyBox {
-                src_dims,
-                src_start,
-                dst_dims,
-                dst_start,
-                extent,
-                ..
-            } => {
-                let args = CopyBoxArgs {
-                    src: a[0],
-                    src_dims,
-                    src_start,
-                    dst: a[1],
-                    dst_dtype: d[1],
-                    dst_dims,
-                    dst_start,
-                    extent,
-                    pad: 0.0,
-                };
-                unsafe { be.copy_box(&args) }?;
-                none
-            }
-            Op::Accumulate {
-                dims,
-                window,
-                start,
-            } => {
-                let args = AccumulateArgs {
-                    win: a[0],
-                    window,
-                    acc: a[1],
-                    cnt: a[2],
-                    dims,
-                    start,
-                };
-                unsafe { be.accumulate_window(&args) }?;
-                none
-            }
-            Op::DivideCounts { n, in_place, .. } => {
-                let out = if in_place { a[0] } else { a[2] };
-                unsafe { be.divide_counts(a[0], a[1], out, n) }?;
-                none
-            }
-            Op::Fill { n, .. } => {
-                unsafe { be.fill(a[0], n, -1.75) }?;
-                none
-            }
-            Op::ThresholdU8 { n, .. } => {
-                unsafe { be.threshold_u8(a[0], a[1], n, 0.25) }?;
-                none
-            }
-        }
-    }
-
-    /// The f64 reference of the compared outputs (whole buffers, NaN where untouched) from the
-    /// inputs as the device read them (`host`: whole buffers as f32, NaN where poisoned), and of
-    /// the scalars as `(value, relative tolerance)` (0: bit for bit) given the run's own
-    /// scalars `got`. `None`: the CPU backend
-    /// is the reference of record.
-    #[allow(clippy::type_complexity)]
-    fn reference(
-        &self,
-        host: &[Vec<f32>],
-        got: &[f64],
-    ) -> Option<(Vec<Vec<f64>>, Vec<(f64, f64)>)> {
-        let view = |i: usize, off: usize| &host[i][off..];
-        let init = |i: usize| -> Vec<f64> { host[i].iter().map(|&v| v as f64).collect() };
-        // Writes `vals` into a copy of buffer `i` from element `off`.
-        let into = |i: usize, off: usize, vals: Vec<f64>| {
-            let mut b = init(i);
-            b[off..off + vals.len()].copy_from_slice(&vals);
-            b
-        };
-        let outs = match *self {
-            Op::Gemm {
-                batch,
-                m,
-                n,
-                k,
-                b_trans,
-                bias,
-                act,
-                res,
-                alpha,
-                ..
-            } => {
-                let g = GemmLayout::new(self);
-                let mut c = init(2);
-                let residual = match res {
-                    Res::None => None,
-                    Res::InPlace => Some((view(2, 0), g.ldc, g.bsc)),
-                    _ => Some((view(4, 0), g.ldr, g.bsr)),
-                };
-                r64::gemm(
-                    &r64::Gemm {
-                        batch,
-                        m,
-                        n,
-                        k,
-                        a: view(0, 0),
-                        lda: g.lda,
-                        batch_stride_a: g.bsa,
-                        b: view(1, 0),
-                        ldb: g.ldb,
-                        batch_stride_b: g.bsb,
-                        b_trans,
-                        ldc: g.ldc,
-                        batch_stride_c: g.bsc,
-                        alpha,
-                        bias: bias.then(|| view(3, 0)),
-                        act,
-                        residual,
-                    },
-                    &mut c,
-                );
-                vec![c]
-            }
-            Op::Attention {
-                batch,
-                heads,
-                nq,
-                nk,
-                hd,
-                causal,
-                ..
-            } => {
-                let l = AttnLayout::new(self);
-                let o = l.inputs.len();
-                let v = |x: AView| r64::View {
-                    data: view(x.buf, x.off),
-                    row: x.row,
-                    batch: x.batch,
-                };
-                let mut out = init(o);
-                r64::attention(
-                    batch,
-                    heads,
-                    nq,
-                    nk,
-                    hd,
-                    v(l.q),
-                    v(l.k),
-                    v(l.v),
-                    l.scale,
-                    causal,
-                    &mut out[l.out.off..],
-                    l.out.row,
-                    l.out.batch,
-                );
-                vec![out]
-            }
-            Op::LayerNorm { rows, cols, .. } => {
-                let y = r64::layer_norm(view(0, 0), rows, cols, view(1, 0), view(2, 0), 1e-5);
-                vec![into(self.out_index(3), 0, y)]
-            }
-            Op::LayerNormJoint { batch, n, act, .. } => {
-                let y =
-                    r64::layer_norm_joint(view(0, 0), batch, n, view(1, 0), view(2, 0), 1e-5, act);
-                vec![into(self.out_index(3), 0, y)]
-            }
-            Op::ConvT {
-                batch,
-                cin,
-                cout,
-                dims,
-                channels_last,
-                act,
-                offset,
-            } => {
-                let y = r64::conv_transpose3d_k2s2(
-                    view(0, offset),
-                    view(1, 0),
-                    view(2, 0),
-                    batch,
-                    cin,
-                    cout,
-                    dims,
-                    channels_last,
-                    act,
-                );
-                vec![into(3, offset, y)]
-            }
-            Op::Add {
-                n,
-                period,
-                alias,
-                offset,
-            } => {
-                let (b, read) = match alias {
-                    Alias::None => (view(1, offset), 2),
-                    Alias::OutA => (view(1, offset), 0),
-                    Alias::All => (view(0, offset), 0),
-                };
-                vec![into(read, offset, r64::add(view(0, offset), b, n, period))]
-            }
-            Op::Activation { n, act, in_place } => {
-                let y = r64::activation(view(0, 0), n, 0.8, act);
-                vec![into(if in_place { 0 } else { 1 }, 0, y)]
-            }
-            Op::ForegroundStats { dims, misalign, .. } if !self.expects_error() => {
-                let n: usize = dims.iter().product();
-                let x = &host[0][misalign as usize..][..n];
-                let (count, p_lo, p_hi) = r64::foreground_count_percentiles(x, got[0] as f32);
-                let (threshold, mean, std) = r64::foreground_moments(x, got[0] as f32);
-                // numpy's float32 sums against f64 ones: within the fixtures' 1e-6 relative;
-                // count and percentiles exact.
-                return Some((
-                    vec![],
-                    vec![
-                        (threshold, 1e-6),
-                        (count as f64, 0.0),
-                        (p_lo, 0.0),
-                        (p_hi, 0.0),
-                        (mean, 1e-6),
-                        (std, 1e-6),
-                    ],
-                ));
-            }
-            _ => return None,
-        };
-        Some((outs, vec![]))
-    }
-}
-
-/// GEMM strides for a case: every leading dimension and batch stride padded by `pad`.
-struct GemmLayout {
-    lda: usize,
-    ldb: usize,
-    ldc: usize,
-    bsa: usize,
-    bsb: usize,
-    bsc: usize,
-    ldr: usize,
-    bsr: usize,
-    len_a: usize,
-    len_b: usize,
-    len_c: usize,
-    len_r: usize,
-}
-
-impl GemmLayout {
-    fn new(op: &Op) -> Self {
-        let Op::Gemm {
-            batch,
-            m,
-            n,
-            k,
-            b_trans,
-            bcast_b,
-            res,
-            pad,
-            ..
-        } = *op
-        else {
-            unreachable!()
-        };
-        let lda = k + pad;
-        let ldb = if b_trans { k + 2 * pad } else { n + pad };
-        let ldc = n + 3 * pad;
-        let brows = if b_trans { n } else { k };
-        let bsa = m * lda + pad;
-        let bsb = if bcast_b { 0 } else { brows * ldb + pad };
-        let bsc = m * ldc + pad + 1;
-        let (ldr, bsr, len_r) = match res {
-            Res::None | Res::InPlace => (0, 0, 0),
-            Res::Ld => (n + 1, m * (n + 1), batch * m * (n + 1)),
-            Res::Row => (0, n, batch * n),
-            Res::Shared => (n, 0, m * n),
-        };
-        GemmLayout {
-            lda,
-            ldb,
-            ldc,
-            bsa,
-            bsb,
-            bsc,
-            ldr,
-            bsr,
-            len_a: ((batch - 1) * bsa + m * lda).max(1),
-            len_b: ((batch - 1) * bsb + brows * ldb).max(1),
-            len_c: (batch - 1) * bsc + m * ldc,
-            len_r,
-        }
-    }
-}
-
-/// Element `(b, i, h, e)` at `off + b*batch + i*row + h*hd + e` of input `buf` (or, for the
-/// output, of the output operand).
-#[derive(Clone, Copy)]
-struct AView {
-    buf: usize,
-    off: usize,
-    row: usize,
-    batch: usize,
-}
-
-struct AttnLayout {
-    inputs: Vec<usize>,
-    q: AView,
-    k: AView,
-    v: AView,
-    out: AView,
-    out_len: usize,
-    scale: f32,
-}
-
-impl AttnLayout {
-    fn new(op: &Op) -> Self {
-        let Op::Attention {
-            batch,
-            heads,
-            nq,
-            nk,
-            hd,
-            layout,
-            scale,
-            ..
-        } = *op
-        else {
-            unreachable!()
-        };
-        let w = heads * hd;
-        let scale = scale.unwrap_or(1.0 / (hd as f32).sqrt());
-        let view = |buf, off, row, batch| AView {
-            buf,
-            off,
-            row,
-            batch,
-        };
-        match layout {
-            Layout::Contig => AttnLayout {
-                inputs: vec![batch * nq * w, batch * nk * w, batch * nk * w],
-                q: view(0, 0, w, nq * w),
-                k: view(1, 0, w, nk * w),
-                v: view(2, 0, w, nk * w),
-                out: view(0, 0, w, nq * w),
-                out_len: batch * nq * w,
-                scale,
-            },
-            Layout::Packed(pad) => {
-                assert_eq!(nq, nk, "packed attention has nq == nk");
-                let (row, bs) = (3 * w, nq * 3 * w);
-                let orow = w + pad;
-                AttnLayout {
-                    inputs: vec![batch * nq * 3 * w],
-                    q: view(0, 0, row, bs),
-                    k: view(0, w, row, bs),
-                    v: view(0, 2 * w, row, bs),
-                    out: view(0, pad, orow, nq * orow + pad),
-                    out_len: batch * (nq * orow + pad) + pad,
-                    scale,
-                }
-            }
-            Layout::Odd => {
-                let v = |buf, off, row, n: usize, extra| view(buf, off, row, n * row + extra);
-                let (q, k, vv) = (
-                    v(0, 1, w + 3, nq, 5),
-                    v(1, 3, w + 1, nk, 7),
-                    v(2, 5, w + 5, nk, 1),
-                );
-                let len = |x: AView, n: usize| x.off + (batch - 1) * x.batch + (n - 1) * x.row + w;
-                let out = v(0, 3, w + 7, nq, 3);
-                AttnLayout {
-                    inputs: vec![len(q, nq), len(k, nk), len(vv, nk)],
-                    q,
-                    k,
-                    v: vv,
-                    out,
-                    out_len: len(out, nq),
-                    scale,
-                }
-            }
-        }
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // The case list
 // ------------------------------------------------------------------------------------------------
 
 /// One row of the table.
 struct Case {
-    op: Op,
+    op: Box<dyn OpCase>,
     /// Model-size shapes for perf mode only (never on the emulator).
     heavy: bool,
 }
 
 const ACTS: [Act; 4] = [Act::None, Act::Gelu, Act::Relu, Act::QuickGelu];
 
+/// A GEMM without padding, alpha 1, B per batch.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    b_trans: bool,
-    bias: bool,
-    act: Act,
-    res: Res,
-) -> Op {
-    Op::Gemm {
-        batch,
+fn gemm(b: usize, m: usize, n: usize, k: usize, bt: bool, bias: bool, act: Act, res: Res) -> Gemm {
+    Gemm {
+        batch: b,
         m,
         n,
         k,
-        b_trans,
+        b_trans: bt,
         bcast_b: false,
         bias,
         act,
@@ -1824,9 +1726,10 @@ fn gemm(
     }
 }
 
-fn attn(batch: usize, heads: usize, nq: usize, nk: usize, hd: usize, causal: bool) -> Op {
-    Op::Attention {
-        batch,
+/// Contiguous attention, scale 1/sqrt(hd).
+fn attn(b: usize, heads: usize, nq: usize, nk: usize, hd: usize, causal: bool) -> Attention {
+    Attention {
+        batch: b,
         heads,
         nq,
         nk,
@@ -1837,21 +1740,65 @@ fn attn(batch: usize, heads: usize, nq: usize, nk: usize, hd: usize, causal: boo
     }
 }
 
+fn conv(b: usize, cin: usize, cout: usize, dims: [usize; 3], act: Act, offset: usize) -> ConvT {
+    ConvT {
+        batch: b,
+        cin,
+        cout,
+        dims,
+        channels_last: true,
+        act,
+        offset,
+    }
+}
+
+fn vol_ew(op: Elementwise, n: usize, misalign: bool, in_place: bool) -> VolElementwise {
+    VolElementwise {
+        op,
+        n,
+        misalign,
+        in_place,
+    }
+}
+
+fn bbox(dims: [usize; 3], start: [usize; 3], extent: [usize; 3], density: u64) -> BboxAbove {
+    BboxAbove {
+        dims,
+        start,
+        extent,
+        density,
+        misalign: false,
+    }
+}
+
+fn copy_box(src_start: [i64; 3], dst_start: [usize; 3], extent: [usize; 3], dst: St) -> CopyBox {
+    CopyBox {
+        src_dims: [7, 33, 129],
+        src_start,
+        dst_dims: [9, 40, 131],
+        dst_start,
+        extent,
+        dst,
+        misalign: false,
+    }
+}
+
 fn cases() -> Vec<Case> {
-    let mut v: Vec<Op> = Vec::new();
-    let mut heavy: Vec<Op> = Vec::new();
+    let mut v: Vec<Box<dyn OpCase>> = Vec::new();
+    let mut heavy: Vec<Box<dyn OpCase>> = Vec::new();
+    let (t, f) = (true, false);
 
     // --- gemm: odd sizes x both B layouts x every epilogue (bias, act, residual layouts),
     // padded leading dimensions, alpha, B broadcast over the batch.
     let epilogues = [
-        (false, Act::None, Res::None),
-        (true, Act::None, Res::None),
-        (true, Act::None, Res::InPlace),
-        (false, Act::None, Res::Ld),
-        (true, Act::Gelu, Res::None),
-        (false, Act::Relu, Res::Row),
-        (true, Act::QuickGelu, Res::InPlace),
-        (true, Act::Gelu, Res::Shared),
+        (f, Act::None, Res::None),
+        (t, Act::None, Res::None),
+        (t, Act::None, Res::InPlace),
+        (f, Act::None, Res::Ld),
+        (t, Act::Gelu, Res::None),
+        (f, Act::Relu, Res::Row),
+        (t, Act::QuickGelu, Res::InPlace),
+        (t, Act::Gelu, Res::Shared),
     ];
     let sizes = [
         (1, 1, 1, 1),
@@ -1864,45 +1811,66 @@ fn cases() -> Vec<Case> {
         (2, 129, 70, 200),
     ];
     for (si, &(b, m, n, k)) in sizes.iter().enumerate() {
-        for bt in [false, true] {
+        for bt in [f, t] {
             for (ei, &(bias, act, res)) in epilogues.iter().enumerate() {
-                v.push(Op::Gemm {
-                    batch: b,
-                    m,
-                    n,
-                    k,
-                    b_trans: bt,
+                v.push(Box::new(Gemm {
                     bcast_b: b > 1 && ei % 3 == 1,
-                    bias,
-                    act,
-                    res,
                     alpha: if ei % 4 == 3 { 0.375 } else { 1.0 },
                     pad: (si + ei) % 3,
-                });
+                    ..gemm(b, m, n, k, bt, bias, act, res)
+                }));
             }
         }
     }
-    // The model's GEMM shapes at a small token count: QKV, MLP up (GELU), MLP down + residual.
-    v.push(gemm(1, 65, 3 * 96, 96, true, true, Act::None, Res::None));
-    v.push(gemm(1, 65, 384, 96, true, true, Act::Gelu, Res::None));
-    v.push(gemm(1, 65, 96, 384, true, true, Act::None, Res::InPlace));
-    // Full-size ViT GEMMs (2048 tokens, width 768): perf only.
-    heavy.push(gemm(1, 2048, 2304, 768, true, true, Act::None, Res::None));
-    heavy.push(gemm(1, 2048, 3072, 768, true, true, Act::Gelu, Res::None));
-    heavy.push(gemm(
+    // The ViT's GEMMs at 65 tokens, width 96 (QKV, MLP up + GELU, MLP down + residual), and at
+    // full size (2048 tokens, width 768: perf only).
+    v.push(Box::new(gemm(1, 65, 288, 96, t, t, Act::None, Res::None)));
+    v.push(Box::new(gemm(1, 65, 384, 96, t, t, Act::Gelu, Res::None)));
+    v.push(Box::new(gemm(
+        1,
+        65,
+        96,
+        384,
+        t,
+        t,
+        Act::None,
+        Res::InPlace,
+    )));
+    heavy.push(Box::new(gemm(
+        1,
+        2048,
+        2304,
+        768,
+        t,
+        t,
+        Act::None,
+        Res::None,
+    )));
+    heavy.push(Box::new(gemm(
+        1,
+        2048,
+        3072,
+        768,
+        t,
+        t,
+        Act::Gelu,
+        Res::None,
+    )));
+    heavy.push(Box::new(gemm(
         1,
         2048,
         768,
         3072,
-        true,
-        true,
+        t,
+        t,
         Act::None,
         Res::InPlace,
-    ));
+    )));
 
     // --- attention: the head dims of the full and the tiny model over odd query / key counts
-    // both ways, causal and not (batch and heads varied), then the ViT's packed QKV views with
-    // output gaps, odd strides, head dims between the compiled sizes, and peaky softmax.
+    // both ways, causal and not (batch and heads varied); head dims between the compiled sizes;
+    // the ViT's packed QKV views with output gaps; odd strides (the general load path); peaky
+    // softmax (scale 1).
     const HEAD_DIMS: [usize; 8] = [6, 12, 16, 24, 32, 48, 64, 96];
     const SHAPES: [(usize, usize, bool); 9] = [
         (1, 1, false),
@@ -1917,62 +1885,46 @@ fn cases() -> Vec<Case> {
     ];
     for hd in HEAD_DIMS {
         for (i, &(nq, nk, causal)) in SHAPES.iter().enumerate() {
-            v.push(attn(1 + i % 2, 1 + (i + hd) % 3, nq, nk, hd, causal));
+            v.push(Box::new(attn(
+                1 + i % 2,
+                1 + (i + hd) % 3,
+                nq,
+                nk,
+                hd,
+                causal,
+            )));
         }
     }
-    let with = |op: Op, l: Layout, s: Option<f32>| match op {
-        Op::Attention {
-            batch,
-            heads,
-            nq,
-            nk,
-            hd,
-            causal,
-            ..
-        } => Op::Attention {
-            batch,
-            heads,
-            nq,
-            nk,
-            hd,
-            causal,
-            layout: l,
-            scale: s,
-        },
-        _ => unreachable!(),
-    };
-    for (hd, causal) in [
-        (64, false),
-        (24, true),
-        (96, false),
-        (48, true),
-        (12, false),
-    ] {
-        v.push(with(
-            attn(2, 3, 129, 129, hd, causal),
-            Layout::Packed(5),
-            None,
-        ));
+    for (hd, causal) in [(64, f), (24, t), (96, f), (48, t), (12, f)] {
+        let packed = Layout::Packed(5);
+        v.push(Box::new(Attention {
+            layout: packed,
+            ..attn(2, 3, 129, 129, hd, causal)
+        }));
     }
-    for (hd, nq, nk, causal) in [(64, 33, 129, false), (32, 129, 7, true), (96, 7, 33, false)] {
-        v.push(with(attn(2, 2, nq, nk, hd, causal), Layout::Odd, None));
+    for (hd, nq, nk, causal) in [(64, 33, 129, f), (32, 129, 7, t), (96, 7, 33, f)] {
+        let layout = Layout::Odd;
+        v.push(Box::new(Attention {
+            layout,
+            ..attn(2, 2, nq, nk, hd, causal)
+        }));
     }
     for hd in [1, 7, 40, 80, 100, 128] {
-        v.push(attn(2, 2, 67, 45, hd, hd % 2 == 1));
+        v.push(Box::new(attn(2, 2, 67, 45, hd, hd % 2 == 1)));
     }
-    for (hd, causal) in [(64, false), (16, true)] {
-        v.push(with(
-            attn(1, 2, 129, 129, hd, causal),
-            Layout::Contig,
-            Some(1.0),
-        ));
+    for (hd, causal) in [(64, f), (16, t)] {
+        let scale = Some(1.0);
+        v.push(Box::new(Attention {
+            scale,
+            ..attn(1, 2, 129, 129, hd, causal)
+        }));
     }
-    heavy.push(with(
-        attn(1, 12, 2048, 2048, 64, false),
-        Layout::Packed(0),
-        None,
-    ));
-    heavy.push(with(attn(1, 8, 1, 77, 64, true), Layout::Contig, None));
+    let packed = Layout::Packed(0);
+    heavy.push(Box::new(Attention {
+        layout: packed,
+        ..attn(1, 12, 2048, 2048, 64, f)
+    }));
+    heavy.push(Box::new(attn(1, 8, 77, 77, 64, t)));
 
     // --- layer norms.
     for (rows, cols) in [
@@ -1985,19 +1937,19 @@ fn cases() -> Vec<Case> {
         (129, 96),
         (2, 512),
     ] {
-        for in_place in [false, true] {
-            v.push(Op::LayerNorm {
+        for in_place in [f, t] {
+            v.push(Box::new(LayerNorm {
                 rows,
                 cols,
                 in_place,
-            });
+            }));
         }
     }
-    heavy.push(Op::LayerNorm {
+    heavy.push(Box::new(LayerNorm {
         rows: 2048,
         cols: 768,
-        in_place: false,
-    });
+        in_place: f,
+    }));
     for (batch, n) in [
         (1, 1),
         (1, 7),
@@ -2007,51 +1959,47 @@ fn cases() -> Vec<Case> {
         (3, 129),
     ] {
         for act in [Act::Gelu, Act::None] {
-            for in_place in [false, true] {
-                v.push(Op::LayerNormJoint {
+            for in_place in [f, t] {
+                v.push(Box::new(LayerNormJoint {
                     batch,
                     n,
                     act,
                     in_place,
-                });
+                }));
             }
         }
     }
-    heavy.push(Op::LayerNormJoint {
+    heavy.push(Box::new(LayerNormJoint {
         batch: 2,
         n: 192 * 16 * 32 * 32,
         act: Act::Gelu,
-        in_place: true,
-    });
+        in_place: t,
+    }));
 
-    // --- conv_transpose3d_k2s2: (batch, cin, cout, dims, act, offset) x both input layouts.
-    let conv = |batch, cin, cout, dims, act, offset, channels_last| Op::ConvT {
-        batch,
-        cin,
-        cout,
-        dims,
-        channels_last,
-        act,
-        offset,
-    };
-    for (batch, cin, cout, dims, act, offset) in [
-        (2, 7, 5, [3, 2, 5], Act::Gelu, 0),
-        (1, 33, 3, [2, 9, 7], Act::Relu, 0),
-        (1, 24, 12, [4, 4, 4], Act::None, 0),
-        (2, 16, 4, [2, 4, 8], Act::Gelu, 0),
-        (2, 16, 4, [2, 4, 8], Act::QuickGelu, 1),
-        (1, 1, 1, [1, 1, 1], Act::None, 0),
-        (1, 0, 3, [2, 2, 2], Act::Gelu, 0),
-        (1, 64, 40, [3, 5, 8], Act::Relu, 3),
-        (1, 192, 96, [4, 8, 8], Act::Gelu, 0),
-        (1, 768, 192, [1, 4, 16], Act::None, 0),
+    // --- conv_transpose3d_k2s2 in both input layouts: odd sizes (element-wise loads), several
+    // K tiles, 16-byte loads, unaligned views, no input channels (act(bias)), the model's
+    // channels on small grids.
+    for c in [
+        conv(2, 7, 5, [3, 2, 5], Act::Gelu, 0),
+        conv(1, 33, 3, [2, 9, 7], Act::Relu, 0),
+        conv(1, 24, 12, [4, 4, 4], Act::None, 0),
+        conv(2, 16, 4, [2, 4, 8], Act::Gelu, 0),
+        conv(2, 16, 4, [2, 4, 8], Act::QuickGelu, 1),
+        conv(1, 1, 1, [1, 1, 1], Act::None, 0),
+        conv(1, 0, 3, [2, 2, 2], Act::Gelu, 0),
+        conv(1, 64, 40, [3, 5, 8], Act::Relu, 3),
+        conv(1, 192, 96, [4, 8, 8], Act::Gelu, 0),
+        conv(1, 768, 192, [1, 4, 16], Act::None, 0),
     ] {
-        for cl in [true, false] {
-            v.push(conv(batch, cin, cout, dims, act, offset, cl));
+        for channels_last in [t, f] {
+            v.push(Box::new(ConvT { channels_last, ..c }));
         }
     }
-    heavy.push(conv(1, 768, 192, [8, 16, 16], Act::None, 0, true));
-    heavy.push(conv(1, 192, 96, [16, 32, 32], Act::Gelu, 0, false));
+    heavy.push(Box::new(conv(1, 768, 192, [8, 16, 16], Act::None, 0)));
+    heavy.push(Box::new(ConvT {
+        channels_last: f,
+        ..conv(1, 192, 96, [16, 32, 32], Act::Gelu, 0)
+    }));
 
     // --- interp3d: every mode x dtype pair (f32 or storage, in and out).
     let modes = [
@@ -2075,27 +2023,27 @@ fn cases() -> Vec<Case> {
                 (1, [1, 1, 1], [2, 3, 129]),
                 (1, [5, 6, 7], [5, 6, 7]),
             ] {
-                v.push(Op::Interp {
+                v.push(Box::new(Interp {
                     planes,
                     src,
                     dst,
                     mode,
                     x,
                     out,
-                });
+                }));
             }
         }
     }
-    heavy.push(Op::Interp {
+    heavy.push(Box::new(Interp {
         planes: 1,
         src: [32, 64, 64],
         dst: [32, 256, 256],
         mode: InterpMode::Trilinear,
         x: St::S,
         out: St::F32,
-    });
+    }));
 
-    // --- patch_gather3d.
+    // --- patch_gather3d: 4 values per thread, scalar, odd, one voxel.
     for x in [St::F32, St::S] {
         for (batch, dims, patch) in [
             (2, [8, 12, 16], [2, 3, 4]),
@@ -2103,20 +2051,20 @@ fn cases() -> Vec<Case> {
             (3, [3, 5, 7], [1, 5, 7]),
             (1, [1, 1, 1], [1, 1, 1]),
         ] {
-            v.push(Op::PatchGather {
+            v.push(Box::new(PatchGather {
                 batch,
                 dims,
                 patch,
                 x,
-            });
+            }));
         }
     }
-    heavy.push(Op::PatchGather {
+    heavy.push(Box::new(PatchGather {
         batch: 1,
         dims: [32, 256, 256],
         patch: [4, 16, 16],
         x: St::F32,
-    });
+    }));
 
     // --- add: plain, row and batch broadcast, period beyond n; out = a; unaligned views.
     for (n, period) in [
@@ -2132,48 +2080,48 @@ fn cases() -> Vec<Case> {
     ] {
         for alias in [Alias::None, Alias::OutA] {
             for offset in [0, 1] {
-                v.push(Op::Add {
+                v.push(Box::new(Add {
                     n,
                     period,
                     alias,
                     offset,
-                });
+                }));
             }
         }
     }
-    v.push(Op::Add {
-        n: 136,
-        period: 136,
-        alias: Alias::All,
-        offset: 0,
-    });
-    heavy.push(Op::Add {
-        n: 2048 * 768,
-        period: 2048 * 768,
-        alias: Alias::OutA,
-        offset: 0,
-    });
+    let (n, period, alias, offset) = (136, 136, Alias::All, 0);
+    v.push(Box::new(Add {
+        n,
+        period,
+        alias,
+        offset,
+    }));
+    let (n, period, alias) = (2048 * 768, 2048 * 768, Alias::OutA);
+    heavy.push(Box::new(Add {
+        n,
+        period,
+        alias,
+        offset,
+    }));
 
     // --- activation.
     for act in ACTS {
         for n in [1, 7, 33, 129, 4104] {
-            for in_place in [false, true] {
-                v.push(Op::Activation { n, act, in_place });
+            for in_place in [f, t] {
+                v.push(Box::new(Activation { n, act, in_place }));
             }
         }
     }
-    heavy.push(Op::Activation {
-        n: 2048 * 3072,
-        act: Act::Gelu,
-        in_place: true,
-    });
+    let (n, act, in_place) = (2048 * 3072, Act::Gelu, t);
+    heavy.push(Box::new(Activation { n, act, in_place }));
 
     // --- embed_gather.
     for (vocab, rows, cols) in [(1, 1, 1), (50, 7, 33), (300, 77, 64), (11, 3, 512)] {
-        v.push(Op::Embed { vocab, rows, cols });
+        v.push(Box::new(Embed { vocab, rows, cols }));
     }
 
-    // --- volume ops (f32; run once per device spec).
+    // --- volume ops (f32; run once per device spec). Statistics: every summation and
+    // selection path, and the error cases.
     for (dims, vol) in [
         ([7, 33, 129], Vol::Hu),
         ([7, 33, 129], Vol::Float),
@@ -2190,45 +2138,45 @@ fn cases() -> Vec<Case> {
         ([0, 3, 3], Vol::Empty),
         ([1, 1, 1], Vol::One),
     ] {
-        for misalign in [false, true] {
-            v.push(Op::ForegroundStats {
+        for misalign in [f, t] {
+            v.push(Box::new(ForegroundStats {
                 dims,
                 vol,
                 misalign,
-            });
+            }));
         }
     }
     for n in [1, 7, 33, 129, 30 * 96 * 121 + 3] {
-        for (misalign, in_place) in [(false, false), (true, false), (false, true), (true, true)] {
-            v.push(Op::ClipZscore {
+        for (misalign, in_place) in [(f, f), (t, f), (f, t), (t, t)] {
+            v.push(Box::new(vol_ew(
+                Elementwise::ClipZscore,
                 n,
                 misalign,
                 in_place,
-            });
-            v.push(Op::ShiftScale {
+            )));
+            v.push(Box::new(vol_ew(
+                Elementwise::ShiftScale,
                 n,
                 misalign,
                 in_place,
-            });
+            )));
         }
     }
     for n in [1, 7, 33, 129, 100_003] {
-        for misalign in [false, true] {
-            v.push(Op::Fill { n, misalign });
-            v.push(Op::ThresholdU8 { n, misalign });
-            v.push(Op::DivideCounts {
-                n,
-                misalign,
-                in_place: false,
-            });
+        for misalign in [f, t] {
+            for threshold in [f, t] {
+                v.push(Box::new(FillOrThreshold {
+                    threshold,
+                    n,
+                    misalign,
+                }));
+            }
+            v.push(Box::new(vol_ew(Elementwise::DivideCounts, n, misalign, f)));
         }
-        v.push(Op::DivideCounts {
-            n,
-            misalign: false,
-            in_place: true,
-        });
+        v.push(Box::new(vol_ew(Elementwise::DivideCounts, n, f, t)));
     }
-    // bbox_above: sub-boxes (whole, interior, thin, one voxel) at densities 0 (no box) to 50%.
+    // bbox_above: sub-boxes (whole, interior, thin, one voxel, empty) at densities 0 (no box)
+    // to 50%, then random boxes (a fixed seed, so that the names stay stable).
     for (i, (dims, start, extent)) in [
         ([7, 33, 129], [0, 0, 0], [7, 33, 129]),
         ([7, 33, 129], [2, 5, 40], [3, 20, 77]),
@@ -2243,39 +2191,29 @@ fn cases() -> Vec<Case> {
     .enumerate()
     {
         for density in [0, 1, 20, 500] {
-            v.push(Op::BboxAbove {
-                dims,
-                start,
-                extent,
-                density,
-                misalign: (i + density as usize) % 2 == 1,
-            });
+            let misalign = (i + density as usize) % 2 == 1;
+            v.push(Box::new(BboxAbove {
+                misalign,
+                ..bbox(dims, start, extent, density)
+            }));
         }
     }
-    // Random boxes (a fixed seed, so that the names stay stable), as the pipeline draws them.
     let mut r = Rng(0x0B0C_5EED);
     for dims in [[7usize, 33, 129], [30, 96, 121], [13, 29, 37], [1, 1, 5]] {
         for density in [0, 1, 20, 500] {
             let start = dims.map(|d| r.below(d as u64 / 3 + 1) as usize);
             let extent = [0, 1, 2].map(|a| r.below((dims[a] - start[a]) as u64 + 1) as usize);
-            v.push(Op::BboxAbove {
-                dims,
-                start,
-                extent,
-                density,
-                misalign: r.below(2) == 1,
-            });
+            let misalign = r.below(2) == 1;
+            v.push(Box::new(BboxAbove {
+                misalign,
+                ..bbox(dims, start, extent, density)
+            }));
         }
     }
-    v.push(Op::BboxAbove {
-        dims: [64, 256, 256],
-        start: [0; 3],
-        extent: [64, 256, 256],
-        density: 1,
-        misalign: false,
-    });
-    // copy_box: negative, inside and overrunning source starts (zero padding), into f32, f16
-    // and bf16 destinations; a realistic padded window.
+    v.push(Box::new(bbox([64, 256, 256], [0; 3], [64, 256, 256], 1)));
+    // copy_box from a 7x33x129 source into 9x40x131: negative, inside and overrunning source
+    // starts (zero padding), f32 / f16 / bf16 destinations; random boxes; a padded window.
+    let dsts = [St::F32, St::Is(DType::F16), St::Is(DType::BF16)];
     for (i, (src_start, dst_start, extent)) in [
         ([0, 0, 0], [0, 0, 0], [7, 33, 129]),
         ([-3, -10, -50], [1, 2, 0], [8, 38, 131]),
@@ -2287,16 +2225,12 @@ fn cases() -> Vec<Case> {
     .into_iter()
     .enumerate()
     {
-        for dst in [St::F32, St::Is(DType::F16), St::Is(DType::BF16)] {
-            v.push(Op::CopyBox {
-                src_dims: [7, 33, 129],
-                src_start,
-                dst_dims: [9, 40, 131],
-                dst_start,
-                extent,
-                dst,
-                misalign: i % 2 == 1,
-            });
+        for dst in dsts {
+            let misalign = i % 2 == 1;
+            v.push(Box::new(CopyBox {
+                misalign,
+                ..copy_box(src_start, dst_start, extent, dst)
+            }));
         }
     }
     let (sdims, ddims) = ([7usize, 33, 129], [9usize, 40, 131]);
@@ -2307,28 +2241,20 @@ fn cases() -> Vec<Case> {
             let s = sdims[a] as i64;
             r.below(2 * s as u64 + 1) as i64 - s
         });
-        for dst in [St::F32, St::Is(DType::F16), St::Is(DType::BF16)] {
-            v.push(Op::CopyBox {
-                src_dims: sdims,
-                src_start,
-                dst_dims: ddims,
-                dst_start,
-                extent,
-                dst,
-                misalign: i % 2 == 1,
-            });
+        for dst in dsts {
+            let misalign = i % 2 == 1;
+            v.push(Box::new(CopyBox {
+                misalign,
+                ..copy_box(src_start, dst_start, extent, dst)
+            }));
         }
     }
     for dst in [St::F32, St::Is(DType::BF16)] {
-        v.push(Op::CopyBox {
+        v.push(Box::new(CopyBox {
             src_dims: [64, 300, 280],
-            src_start: [40, -20, 100],
             dst_dims: [32, 256, 256],
-            dst_start: [0; 3],
-            extent: [32, 256, 256],
-            dst,
-            misalign: false,
-        });
+            ..copy_box([40, -20, 100], [0; 3], [32, 256, 256], dst)
+        }));
     }
     for (dims, window, start) in [
         ([11, 19, 23], [5, 7, 9], [0, 0, 0]),
@@ -2336,17 +2262,17 @@ fn cases() -> Vec<Case> {
         ([11, 19, 23], [11, 19, 23], [0, 0, 0]),
         ([30, 96, 121], [7, 33, 64], [20, 50, 3]),
     ] {
-        v.push(Op::Accumulate {
+        v.push(Box::new(Accumulate {
             dims,
             window,
             start,
-        });
+        }));
     }
-    heavy.push(Op::Accumulate {
+    heavy.push(Box::new(Accumulate {
         dims: [64, 300, 280],
         window: [32, 256, 256],
         start: [16, 22, 12],
-    });
+    }));
 
     let mut out: Vec<Case> = v.into_iter().map(|op| Case { op, heavy: false }).collect();
     out.extend(heavy.into_iter().map(|op| Case { op, heavy: true }));
@@ -2626,7 +2552,7 @@ fn run_op(op_name: &str) {
             }
             let explicit_reduced = case
                 .op
-                .spec_dtypes()
+                .explicit()
                 .iter()
                 .any(|s| matches!(s, St::Is(DType::F16 | DType::BF16)));
             if dev.is_cpu && explicit_reduced {
@@ -2654,18 +2580,6 @@ fn run_op(op_name: &str) {
         failures.len(),
         failures.join("\n")
     );
-}
-
-impl Op {
-    /// The explicit storage of every operand (without building inputs).
-    fn spec_dtypes(&self) -> Vec<St> {
-        match self {
-            Op::CopyBox { dst, .. } => vec![St::F32, *dst],
-            Op::Interp { x, out, .. } => vec![*x, *out],
-            Op::PatchGather { x, .. } => vec![*x, St::S],
-            _ => vec![],
-        }
-    }
 }
 
 // ------------------------------------------------------------------------------------------------
