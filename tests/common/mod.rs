@@ -3,6 +3,7 @@
 
 pub mod fuzz;
 pub mod parity;
+pub mod reference;
 
 use segvol::backend::Backend;
 use segvol::dtype::DType;
