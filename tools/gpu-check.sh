@@ -21,7 +21,7 @@ BUNDLE_DIR=gpu-bundle
 BUNDLE=$BUNDLE_DIR/bundle.tar.xz
 TRAVEL_LIMIT_MIB=60
 # The GPU-relevant test binaries, in order of value (the self-tests live in cuda_device).
-TESTS=(cuda_device parity_attention parity_model_ops parity_volume_ops model_call pipeline_tiny)
+TESTS=(cuda_device backend_ops parity_attention parity_model_ops parity_volume_ops model_call pipeline_tiny)
 MONAI_VERSION=1.4.0
 
 die() { echo "gpu-check: $*" >&2; exit 2; }
@@ -256,7 +256,7 @@ device() {
         FAILED_TESTS+=(cuda_device)
     local prec
     for prec in f32 bf16 f16; do
-        for t in parity_attention parity_model_ops parity_volume_ops model_call pipeline_tiny; do
+        for t in backend_ops parity_attention parity_model_ops parity_volume_ops model_call pipeline_tiny; do
             SEGVOL_TEST_DEVICES=cuda:$prec step "$t cuda:$prec" 40 "$LOGS/test-$t-$prec.log" "$W/bin/$t" ||
                 FAILED_TESTS+=("$t:$prec")
         done
@@ -275,7 +275,9 @@ device() {
         [ -n "$p" ] && SUMMARY+=("    $p")
     done
 
-    # ---- timings and graphs
+    # ---- timings and graphs: per kernel (the backend-op table's perf mode), then whole calls
+    SEGVOL_TEST_DEVICES=cuda:bf16 SEGVOL_BACKEND_OPS_PERF=1 step "backend ops perf cuda:bf16" 60 \
+        "$LOGS/perf-backend-ops-bf16.log" "$W/bin/backend_ops" --nocapture --test-threads=1
     local b
     for prec in bf16 f32; do
         for b in 1 8; do
