@@ -206,3 +206,46 @@ fn session_over_json_lines_survives_bad_requests() {
         fresh(&["--text", "spleen"], "spleen.nii.gz")
     );
 }
+
+/// `keep_roi` (a documented departure): a refinement inside the previous ROI keeps that ROI
+/// and its windows, so with the cache on it runs no encoder pass; without a previous ROI the
+/// prompt runs as usual and says so.
+#[test]
+fn keep_roi_refines_inside_the_previous_roi_without_encoder_passes() {
+    use segvol::pipeline::PromptOptions;
+    let vol = read_volume(&tiny_ct()).unwrap();
+    let model = SegVol::load(&common::tiny().join("model"), common::devices()[0].open()).unwrap();
+    let session = Session::open(
+        &model,
+        &vol.data,
+        vol.model_dims(),
+        Request::default(),
+        &Options::default(),
+    )
+    .unwrap();
+    session.set_cache_limit(1 << 30);
+    let keep = PromptOptions { keep_roi: true };
+    let refine = UserPrompt {
+        points: vec![[60, 50, 15]],
+        positive: vec![true],
+        ..text("liver")
+    };
+    let fresh = session.segment_with(&refine, keep, &mut |_, _| {}).unwrap();
+    assert!(!fresh.roi_kept, "no previous ROI to keep");
+    let first = session.segment(&text("liver"), &mut |_, _| {}).unwrap();
+    let builds = model.runtime_stats().builds;
+    let refined = session.segment_with(&refine, keep, &mut |_, _| {}).unwrap();
+    assert!(refined.roi_kept);
+    assert_eq!(refined.roi, first.roi);
+    assert_eq!(refined.windows.len(), first.windows.len());
+    assert_eq!(
+        refined.cached_windows,
+        refined.windows.len(),
+        "an encoder pass ran"
+    );
+    assert_eq!(
+        model.runtime_stats().builds,
+        builds,
+        "a new program was built"
+    );
+}

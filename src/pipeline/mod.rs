@@ -143,6 +143,8 @@ pub struct PromptOutcome {
     pub windows: Vec<WindowRecord>,
     /// How many of them reused a session's cached image embedding (no encoder pass).
     pub cached_windows: usize,
+    /// The ROI is the session's previous one ([`PromptOptions::keep_roi`]), not this prompt's.
+    pub roi_kept: bool,
     pub pad_before: [usize; 3],
     pub zoom_out_seconds: f64,
     pub zoom_in_seconds: f64,
@@ -265,6 +267,19 @@ pub struct Session<'m> {
     /// Arena allocations when the plan's arena was reserved.
     arena_allocations: usize,
     cache: parking_lot::Mutex<EmbeddingCache>,
+    /// The ROI of the last prompt that had one ([`PromptOptions::keep_roi`]).
+    last_roi: parking_lot::Mutex<Option<Roi>>,
+}
+
+/// How a session runs one prompt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromptOptions {
+    /// Interactive refinement, a documented departure from the official pipeline: when every
+    /// point and the box of the prompt lie inside the previous prompt's ROI, that ROI and its
+    /// windows are used instead of the one this prompt's zoom-out would give, so with the
+    /// windows cached the prompt costs only decoder passes. Otherwise (or without a previous
+    /// ROI) the prompt runs as usual; [`PromptOutcome::roi_kept`] says which happened.
+    pub keep_roi: bool,
 }
 
 /// Which zoom-in batch an embedding belongs to: the ROI (which fixes the sliding windows and
@@ -417,6 +432,7 @@ impl<'m> Session<'m> {
             zoom_out_encode_seconds,
             arena_allocations,
             cache: Default::default(),
+            last_roi: Default::default(),
         })
     }
 
@@ -446,8 +462,30 @@ impl<'m> Session<'m> {
 
     /// One prompt on the opened volume (spec §6.5-§6.9).
     pub fn segment(&self, p: &UserPrompt, progress: &mut Progress<'_>) -> Result<PromptOutcome> {
+        self.segment_with(p, PromptOptions::default(), progress)
+    }
+
+    /// [`Session::segment`] with options (interactive refinement).
+    pub fn segment_with(
+        &self,
+        p: &UserPrompt,
+        popts: PromptOptions,
+        progress: &mut Progress<'_>,
+    ) -> Result<PromptOutcome> {
         check_prompt(p, self.dims)?;
-        self.segment_prompt(p, progress)
+        self.segment_prompt(p, popts, progress)
+    }
+
+    /// Whether every point and the box of `p` lie inside `roi` (cropped grid).
+    fn inside_roi(&self, p: &UserPrompt, roi: &Roi) -> bool {
+        let end = roi.end();
+        let inside = |ijk: [usize; 3]| {
+            self.to_cropped(ijk)
+                .is_some_and(|c| (0..3).all(|a| c[a] >= roi.start[a] && c[a] < end[a]))
+        };
+        p.points.iter().all(|&q| inside(q))
+            && p.bbox
+                .is_none_or(|b| inside([b[0], b[1], b[2]]) && inside([b[3], b[4], b[5]]))
     }
 
     /// The volume's outcome with the given prompts' outcomes.
@@ -520,7 +558,12 @@ impl<'m> Session<'m> {
         Ok((zbox, pts))
     }
 
-    fn segment_prompt(&self, p: &UserPrompt, progress: &mut Progress<'_>) -> Result<PromptOutcome> {
+    fn segment_prompt(
+        &self,
+        p: &UserPrompt,
+        popts: PromptOptions,
+        progress: &mut Progress<'_>,
+    ) -> Result<PromptOutcome> {
         let (b, model) = (self.b, self.model);
         let cfg = model.config();
         let window = cfg.spatial_size;
@@ -564,9 +607,22 @@ impl<'m> Session<'m> {
                 InterpMode::Nearest,
             )?;
         }
-        // §6.7: the ROI from `L_global > 0`.
-        let pred = unsafe { b.bbox_above(self.at(Buf::Global), cd, [0; 3], cd, 0.0)? };
-        let roi = geometry::roi_bounds(pred, cd, window);
+        // §6.7: the ROI from `L_global > 0`, or the previous one for a refinement inside it.
+        let kept = if popts.keep_roi {
+            (*self.last_roi.lock()).filter(|r| self.inside_roi(p, r))
+        } else {
+            None
+        };
+        let roi = match kept {
+            Some(r) => Some(r),
+            None => {
+                let pred = unsafe { b.bbox_above(self.at(Buf::Global), cd, [0; 3], cd, 0.0)? };
+                geometry::roi_bounds(pred, cd, window)
+            }
+        };
+        if roi.is_some() {
+            *self.last_roi.lock() = roi;
+        }
         b.synchronize()?;
         drop(r);
         let zoom_out_seconds = t0.elapsed().as_secs_f64();
@@ -608,6 +664,7 @@ impl<'m> Session<'m> {
             roi,
             windows,
             cached_windows,
+            roi_kept: kept.is_some(),
             pad_before,
             zoom_out_seconds,
             zoom_in_seconds,

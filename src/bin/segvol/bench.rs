@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// Also list the N slowest single ops of the profiled call (program, step, kind, time).
     #[arg(long, default_value_t = 0)]
     top: usize,
+    /// Time a session on this CT instead: opening it, the first prompt (--text), exact
+    /// re-prompts (the same text; a text with a point at the ROI's centre) with every window
+    /// cached, and a keep_roi refinement (another point inside the ROI).
+    #[arg(long, value_name = "CT")]
+    session: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -77,6 +82,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     let backend = spec.open()?;
+    let session_ct = a.session.clone();
     let model = match &a.model {
         Some(dir) => SegVol::load(dir, backend)?,
         None => {
@@ -90,6 +96,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             SegVol::new(cfg, Arc::new(store), tok, backend)?
         }
     };
+    if let Some(ct) = session_ct {
+        return bench_session(&model, &ct, &a);
+    }
     let b = model.backend().clone();
     let cfg = model.config().clone();
     let batch = a.batch;
@@ -222,6 +231,117 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if b.dtype() != DType::F32 && b.name() == "cpu" {
         println!("  note: the CPU computes in f32");
+    }
+    Ok(())
+}
+
+/// `bench --session CT`: what a resident session costs per prompt (issue 12), medians over
+/// `--iters` rounds after the first prompt. Everything runs on one session with the embedding
+/// cache on, as `segvol session` runs.
+fn bench_session(model: &SegVol, ct: &std::path::Path, a: &BenchArgs) -> Result<()> {
+    use segvol::pipeline::{plan::Request, Options, PromptOptions, Session, UserPrompt};
+    let vol = segvol::io::nifti::read_volume(ct)?;
+    let opts = Options {
+        batch: a.batch,
+        ..Options::default()
+    };
+    let t0 = Instant::now();
+    let request = Request {
+        sparse_tokens: 8,
+        text_tokens: model.config().text.max_positions,
+        ..Request::default()
+    };
+    let session = Session::open(model, &vol.data, vol.model_dims(), request, &opts)?;
+    session.set_cache_limit(usize::MAX);
+    let open_s = t0.elapsed().as_secs_f64();
+    let text = UserPrompt {
+        text: Some(a.text.clone()),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let first = session.segment(&text, &mut |_, _| {})?;
+    let first_s = t0.elapsed().as_secs_f64();
+    let Some(roi) = first.roi else {
+        return Err(Error::Input(format!(
+            "{}: the first prompt found no foreground, so there is no ROI to re-prompt in",
+            ct.display()
+        )));
+    };
+    // File (i, j, k) of a point at a fraction of the ROI, from the cropped (d, h, w) grid.
+    let outcome = session.outcome(vec![]);
+    let at = |f: f64| -> [usize; 3] {
+        let c: [usize; 3] = std::array::from_fn(|ax| {
+            outcome.crop_start[ax] + roi.start[ax] + ((roi.shape[ax] - 1) as f64 * f) as usize
+        });
+        [c[2], c[1], c[0]]
+    };
+    let with_point = UserPrompt {
+        points: vec![at(0.5)],
+        positive: vec![true],
+        ..text.clone()
+    };
+    let refine = UserPrompt {
+        points: vec![at(0.5), at(0.4)],
+        positive: vec![true, false],
+        ..text.clone()
+    };
+    let cases: [(&str, &UserPrompt, PromptOptions); 3] = [
+        (
+            "exact re-prompt, same text",
+            &text,
+            PromptOptions::default(),
+        ),
+        (
+            "exact re-prompt, text + point",
+            &with_point,
+            PromptOptions::default(),
+        ),
+        (
+            "keep_roi refinement, + 2 points",
+            &refine,
+            PromptOptions { keep_roi: true },
+        ),
+    ];
+    let mut times = vec![Vec::new(); cases.len()];
+    let mut cached = vec![(0, 0, false); cases.len()];
+    for _ in 0..a.iters {
+        for (i, (_, p, po)) in cases.iter().enumerate() {
+            let t0 = Instant::now();
+            let out = session.segment_with(p, *po, &mut |_, _| {})?;
+            times[i].push(t0.elapsed().as_secs_f64());
+            cached[i] = (out.cached_windows, out.windows.len(), out.roi_kept);
+        }
+    }
+    println!(
+        "segvol bench --session: {} on {} ({}), {} windows per batch, text {:?}, medians of {}",
+        ct.display(),
+        model.backend().name(),
+        model.backend().dtype(),
+        session.plan().batch,
+        a.text,
+        a.iters
+    );
+    println!(
+        "  {:<36} {:>9}",
+        "open (read excluded)",
+        format!("{open_s:.3} s")
+    );
+    println!(
+        "  {:<36} {:>9}  {} windows",
+        "first prompt",
+        format!("{first_s:.3} s"),
+        first.windows.len()
+    );
+    for (i, (name, _, _)) in cases.iter().enumerate() {
+        let m = median(&mut times[i]);
+        let (c, w, kept) = cached[i];
+        println!(
+            "  {:<36} {:>9}  {:>5.1}% of the first; {c}/{w} windows cached{}",
+            name,
+            format!("{m:.3} s"),
+            100.0 * m / first_s,
+            if kept { ", ROI kept" } else { "" }
+        );
     }
     Ok(())
 }

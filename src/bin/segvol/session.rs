@@ -4,12 +4,13 @@
 //! `{"ok": false, "error": ...}` and the session goes on.
 //!
 //! Request (every field optional, at least one prompt): `{"text": "liver", "box":
-//! [i0,j0,k0,i1,j1,k1], "points": [[i,j,k], ...], "labels": [1, 0, ...], "mm": false, "out":
-//! "mask.nii.gz"}`. Coordinates are file voxel indices, or world millimetres with `"mm": true`,
+//! [i0,j0,k0,i1,j1,k1], "points": [[i,j,k], ...], "labels": [1, 0, ...], "mm": false,
+//! "keep_roi": false, "out": "mask.nii.gz"}`. `keep_roi` refines inside the previous ROI
+//! ([`PromptOptions::keep_roi`], a documented departure). Coordinates are file voxel indices, or world millimetres with `"mm": true`,
 //! by the rules of `segment` (`segvol::io::prompt`).
 //!
-//! Response: `{"ok": true, "voxels", "ml", "roi", "windows", "cached_windows", "seconds",
-//! "out"}`. Zoom-in image embeddings are kept per ROI within `--cache` bytes, so a prompt on
+//! Response: `{"ok": true, "voxels", "ml", "roi", "windows", "cached_windows", "roi_kept",
+//! "seconds", "out"}`. Zoom-in image embeddings are kept per ROI within `--cache` bytes, so a prompt on
 //! an ROI seen before skips those encoder passes, with bit-identical results.
 
 use crate::segment::{check_nifti_name, check_writable, identity, same_file, voxel_ml};
@@ -19,7 +20,7 @@ use segvol::config::describe;
 use segvol::error::{clip, Error, Result};
 use segvol::io::nifti::{self, Volume};
 use segvol::io::prompt::{Coords, Units, VolumePrompts};
-use segvol::pipeline::{self, plan::parse_size, Options, Session};
+use segvol::pipeline::{self, plan::parse_size, Options, PromptOptions, Session};
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -131,7 +132,7 @@ fn handle(session: &Session<'_>, vol: &Volume, input: &Path, line: &[u8]) -> Res
     let t0 = Instant::now();
     let v: Value = serde_json::from_slice(line)
         .map_err(|e| Error::Usage(format!("request: not valid JSON: {e}")))?;
-    let (prompts, out) = parse_request(&v)?;
+    let (prompts, popts, out) = parse_request(&v)?;
     if let Some(o) = &out {
         check_out(o, input)?;
     }
@@ -140,8 +141,9 @@ fn handle(session: &Session<'_>, vol: &Volume, input: &Path, line: &[u8]) -> Res
         .into_iter()
         .next()
         .ok_or_else(|| Error::Internal("a request resolved to no prompt".into()))?;
-    let p = session.segment(&user, &mut |_, _| {})?;
+    let p = session.segment_with(&user, popts, &mut |_, _| {})?;
     let (voxels, roi, windows, cached) = (p.voxels, p.roi, p.windows.len(), p.cached_windows);
+    let roi_kept = p.roi_kept;
     let (zoom_out, zoom_in) = (p.zoom_out_seconds, p.zoom_in_seconds);
     let t_write = Instant::now();
     if let Some(o) = &out {
@@ -155,6 +157,7 @@ fn handle(session: &Session<'_>, vol: &Volume, input: &Path, line: &[u8]) -> Res
         "roi": roi.map(|r| json!({"start_dhw": r.start, "shape_dhw": r.shape})),
         "windows": windows,
         "cached_windows": cached,
+        "roi_kept": roi_kept,
         "seconds": {
             "zoom_out": zoom_out,
             "zoom_in": zoom_in,
@@ -166,7 +169,7 @@ fn handle(session: &Session<'_>, vol: &Volume, input: &Path, line: &[u8]) -> Res
 }
 
 /// The request's prompt and output path, every field checked and named in errors.
-fn parse_request(v: &Value) -> Result<(VolumePrompts, Option<PathBuf>)> {
+fn parse_request(v: &Value) -> Result<(VolumePrompts, PromptOptions, Option<PathBuf>)> {
     let obj = v.as_object().ok_or_else(|| {
         Error::Usage(format!(
             "request: expected a JSON object, found {}",
@@ -176,10 +179,10 @@ fn parse_request(v: &Value) -> Result<(VolumePrompts, Option<PathBuf>)> {
     for key in obj.keys() {
         if !matches!(
             key.as_str(),
-            "text" | "box" | "points" | "labels" | "mm" | "out"
+            "text" | "box" | "points" | "labels" | "mm" | "out" | "keep_roi"
         ) {
             return Err(Error::Usage(format!(
-                "request: unknown field `{}` (expected text, box, points, labels, mm, out)",
+                "request: unknown field `{}` (expected text, box, points, labels, mm, out, keep_roi)",
                 clip(key)
             )));
         }
@@ -245,6 +248,16 @@ fn parse_request(v: &Value) -> Result<(VolumePrompts, Option<PathBuf>)> {
             )))
         }
     };
+    let keep_roi = match field("keep_roi") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => {
+            return Err(Error::Prompt(format!(
+                "request: `keep_roi` must be true or false, found {}",
+                describe(other)
+            )))
+        }
+    };
     let out = match field("out") {
         None => None,
         Some(Value::String(s)) => Some(PathBuf::from(s)),
@@ -266,7 +279,7 @@ fn parse_request(v: &Value) -> Result<(VolumePrompts, Option<PathBuf>)> {
         units,
     }
     .checked()?;
-    Ok((prompts, out))
+    Ok((prompts, PromptOptions { keep_roi }, out))
 }
 
 fn numbers<const N: usize>(v: &Value, what: &str) -> Result<[f64; N]> {
