@@ -271,6 +271,84 @@ pub struct Session<'m> {
     last_roi: parking_lot::Mutex<Option<Roi>>,
 }
 
+/// The result of [`Session::identify`].
+#[derive(Clone, Debug)]
+pub struct Identification {
+    /// Voxels of the spatial prompt's mask the scores are taken over.
+    pub mask_voxels: usize,
+    /// `(name, score, share)`, best first: the mean sigmoid of the text-conditioned logits
+    /// inside the mask, and that score over the sum of all candidates' scores.
+    pub ranked: Vec<(String, f64, f64)>,
+}
+
+/// Mean of `sigmoid(logits)` over the voxels where `mask` is set (f64 sums).
+pub fn mean_sigmoid_inside(logits: &[f32], mask: &[u8]) -> f64 {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (&l, &m) in logits.iter().zip(mask) {
+        if m != 0 {
+            sum += 1.0 / (1.0 + (-(l as f64)).exp());
+            n += 1;
+        }
+    }
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
+}
+
+/// Candidate names for [`Session::identify`] when none are given: FLARE22's 13 organs (the
+/// official training default, spec §6.10), further TotalSegmentator organs and vessels, and
+/// the lesion names of SegVol's lesion datasets.
+pub const DEFAULT_CANDIDATES: &[&str] = &[
+    // FLARE22, in the official order.
+    "liver",
+    "right kidney",
+    "spleen",
+    "pancreas",
+    "aorta",
+    "inferior vena cava",
+    "right adrenal gland",
+    "left adrenal gland",
+    "gallbladder",
+    "esophagus",
+    "stomach",
+    "duodenum",
+    "left kidney",
+    // TotalSegmentator organs and vessels (its class names, in words).
+    "left lung upper lobe",
+    "left lung lower lobe",
+    "right lung upper lobe",
+    "right lung middle lobe",
+    "right lung lower lobe",
+    "trachea",
+    "thyroid gland",
+    "small bowel",
+    "colon",
+    "urinary bladder",
+    "prostate",
+    "heart",
+    "pulmonary vein",
+    "superior vena cava",
+    "portal vein and splenic vein",
+    "left iliac artery",
+    "right iliac artery",
+    "left iliac vena",
+    "right iliac vena",
+    "brachiocephalic trunk",
+    "spinal cord",
+    "brain",
+    "sacrum",
+    "sternum",
+    // Lesions.
+    "liver tumor",
+    "kidney tumor",
+    "kidney cyst",
+    "lung tumor",
+    "pancreatic tumor",
+    "colon cancer",
+];
+
 /// How a session runs one prompt.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PromptOptions {
@@ -474,6 +552,58 @@ impl<'m> Session<'m> {
     ) -> Result<PromptOutcome> {
         check_prompt(p, self.dims)?;
         self.segment_prompt(p, popts, progress)
+    }
+
+    /// Names what a spatial prompt (a box and/or points, no text) segments, after SegVol's
+    /// case study "identifying spatial-prompt segmentation": the spatial prompt runs alone
+    /// and gives the mask `M`; then for each candidate name `c` the same spatial prompt with
+    /// the text `c` runs inside the spatial prompt's ROI ([`PromptOptions::keep_roi`]: with
+    /// the session's cache, decoder passes only), and
+    ///
+    /// `score(c) = mean over voxels v of M of sigmoid(logits_c(v))`,
+    ///
+    /// the text-conditioned model's mean confidence inside what the spatial prompt found.
+    /// Returned best first, each with its score and its share `score(c) / sum of scores`.
+    pub fn identify(&self, spatial: &UserPrompt, candidates: &[String]) -> Result<Identification> {
+        if spatial.text.is_some() {
+            return Err(Error::Prompt(
+                "identify takes a spatial prompt (a box or points) without text".into(),
+            ));
+        }
+        if candidates.is_empty() {
+            return Err(Error::Prompt(
+                "identify needs at least one candidate name".into(),
+            ));
+        }
+        let base = self.segment(spatial, &mut |_, _| {})?;
+        if base.voxels == 0 {
+            return Err(Error::Prompt(
+                "the spatial prompt segments nothing: there is nothing to name".into(),
+            ));
+        }
+        let mut scores = Vec::with_capacity(candidates.len());
+        let keep = PromptOptions { keep_roi: true };
+        for c in candidates {
+            // Each candidate inside the spatial prompt's own ROI.
+            *self.last_roi.lock() = base.roi;
+            let p = UserPrompt {
+                text: Some(c.clone()),
+                ..spatial.clone()
+            };
+            let out = self.segment_with(&p, keep, &mut |_, _| {})?;
+            scores.push((c.clone(), mean_sigmoid_inside(&out.logits, &base.mask)));
+        }
+        let total: f64 = scores.iter().map(|s| s.1).sum();
+        let mut ranked: Vec<(String, f64, f64)> = scores
+            .into_iter()
+            .map(|(c, s)| (c, s, if total > 0.0 { s / total } else { 0.0 }))
+            .collect();
+        // Stable: equal scores keep the candidates' order.
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(Identification {
+            mask_voxels: base.voxels,
+            ranked,
+        })
     }
 
     /// Whether every point and the box of `p` lie inside `roi` (cropped grid).

@@ -304,6 +304,18 @@ fn bench_session(model: &SegVol, ct: &std::path::Path, a: &BenchArgs) -> Result<
     ];
     let mut times = vec![Vec::new(); cases.len()];
     let mut cached = vec![(0, 0, false); cases.len()];
+    // Identify: a click at the ROI's centre named among 20 default candidates.
+    let click = UserPrompt {
+        points: vec![at(0.5)],
+        positive: vec![true],
+        ..Default::default()
+    };
+    let candidates: Vec<String> = segvol::pipeline::DEFAULT_CANDIDATES[..20]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut identify_times = Vec::new();
+    let mut top = String::new();
     for _ in 0..a.iters {
         for (i, (_, p, po)) in cases.iter().enumerate() {
             let t0 = Instant::now();
@@ -311,6 +323,10 @@ fn bench_session(model: &SegVol, ct: &std::path::Path, a: &BenchArgs) -> Result<
             times[i].push(t0.elapsed().as_secs_f64());
             cached[i] = (out.cached_windows, out.windows.len(), out.roi_kept);
         }
+        let t0 = Instant::now();
+        let id = session.identify(&click, &candidates)?;
+        identify_times.push(t0.elapsed().as_secs_f64());
+        top = id.ranked.first().map(|r| r.0.clone()).unwrap_or_default();
     }
     println!(
         "segvol bench --session: {} on {} ({}), {} windows per batch, text {:?}, medians of {}",
@@ -343,5 +359,13 @@ fn bench_session(model: &SegVol, ct: &std::path::Path, a: &BenchArgs) -> Result<
             if kept { ", ROI kept" } else { "" }
         );
     }
+    let m = median(&mut identify_times);
+    println!(
+        "  {:<36} {:>9}  {:>5.1}% of the first; {:.3} s per candidate (the click alone, then 20 decoder-only prompts); top: {top}",
+        "identify a click, 20 candidates",
+        format!("{m:.3} s"),
+        100.0 * m / first_s,
+        m / 21.0
+    );
     Ok(())
 }

@@ -5,7 +5,10 @@
 //!
 //! Request (every field optional, at least one prompt): `{"text": "liver", "box":
 //! [i0,j0,k0,i1,j1,k1], "points": [[i,j,k], ...], "labels": [1, 0, ...], "mm": false,
-//! "keep_roi": false, "out": "mask.nii.gz"}`. `keep_roi` refines inside the previous ROI
+//! "keep_roi": false, "identify": false, "out": "mask.nii.gz"}`. `identify` (`true` for the
+//! default candidates, or a list of names) ranks what a spatial prompt segments
+//! ([`Session::identify`]): the reply holds `"identify": [[name, score, share], ...]`, best
+//! first. `keep_roi` refines inside the previous ROI
 //! ([`PromptOptions::keep_roi`], a documented departure). Coordinates are file voxel indices, or world millimetres with `"mm": true`,
 //! by the rules of `segment` (`segvol::io::prompt`).
 //!
@@ -133,6 +136,12 @@ fn handle(session: &Session<'_>, vol: &Volume, input: &Path, line: &[u8]) -> Res
     let v: Value = serde_json::from_slice(line)
         .map_err(|e| Error::Usage(format!("request: not valid JSON: {e}")))?;
     let (prompts, popts, out) = parse_request(&v)?;
+    let identify = identify_candidates(&v)?;
+    if identify.is_some() && out.is_some() {
+        return Err(Error::Usage(
+            "request: `identify` ranks names and writes no mask: drop `out`".into(),
+        ));
+    }
     if let Some(o) = &out {
         check_out(o, input)?;
     }
@@ -141,6 +150,21 @@ fn handle(session: &Session<'_>, vol: &Volume, input: &Path, line: &[u8]) -> Res
         .into_iter()
         .next()
         .ok_or_else(|| Error::Internal("a request resolved to no prompt".into()))?;
+    if let Some(candidates) = identify {
+        let id = session.identify(&user, &candidates)?;
+        let ranked: Vec<Value> = id
+            .ranked
+            .iter()
+            .map(|(name, score, share)| json!([name, score, share]))
+            .collect();
+        return Ok(json!({
+            "ok": true,
+            "voxels": id.mask_voxels,
+            "ml": id.mask_voxels as f64 * voxel_ml(vol),
+            "identify": ranked,
+            "seconds": {"total": t0.elapsed().as_secs_f64()},
+        }));
+    }
     let p = session.segment_with(&user, popts, &mut |_, _| {})?;
     let (voxels, roi, windows, cached) = (p.voxels, p.roi, p.windows.len(), p.cached_windows);
     let roi_kept = p.roi_kept;
@@ -168,6 +192,35 @@ fn handle(session: &Session<'_>, vol: &Volume, input: &Path, line: &[u8]) -> Res
     }))
 }
 
+/// `identify`: absent, `true` (the default candidates) or an array of names.
+fn identify_candidates(v: &Value) -> Result<Option<Vec<String>>> {
+    match v.get("identify") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+        Some(Value::Bool(true)) => Ok(Some(
+            pipeline::DEFAULT_CANDIDATES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )),
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .iter()
+            .enumerate()
+            .map(|(i, n)| match n {
+                Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
+                other => Err(Error::Prompt(format!(
+                    "request: identify[{i}] must be a category name, found {}",
+                    describe(other)
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+        Some(other) => Err(Error::Prompt(format!(
+            "request: `identify` must be true or an array of names, found {}",
+            describe(other)
+        ))),
+    }
+}
+
 /// The request's prompt and output path, every field checked and named in errors.
 fn parse_request(v: &Value) -> Result<(VolumePrompts, PromptOptions, Option<PathBuf>)> {
     let obj = v.as_object().ok_or_else(|| {
@@ -179,10 +232,10 @@ fn parse_request(v: &Value) -> Result<(VolumePrompts, PromptOptions, Option<Path
     for key in obj.keys() {
         if !matches!(
             key.as_str(),
-            "text" | "box" | "points" | "labels" | "mm" | "out" | "keep_roi"
+            "text" | "box" | "points" | "labels" | "mm" | "out" | "keep_roi" | "identify"
         ) {
             return Err(Error::Usage(format!(
-                "request: unknown field `{}` (expected text, box, points, labels, mm, out, keep_roi)",
+                "request: unknown field `{}` (expected text, box, points, labels, mm, out, keep_roi, identify)",
                 clip(key)
             )));
         }
