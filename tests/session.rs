@@ -318,3 +318,71 @@ fn identify_ranks_as_explicit_per_candidate_runs() {
     // A text is not a spatial prompt.
     assert!(session.identify(&text("liver"), &candidates).is_err());
 }
+
+/// `segment --identify` prints the top five and reports every candidate, best first, with the
+/// spatial prompt's mask written as usual.
+#[test]
+fn segment_identify_ranks_a_candidates_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names = tmp.path().join("names.txt");
+    std::fs::write(
+        &names,
+        "# organs\nliver\nspleen\n\nleft kidney\npancreas\naorta\nstomach\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("m.nii.gz");
+    let report = tmp.path().join("r.json");
+    let model = common::tiny().join("model");
+    let res = common::segvol(&[
+        "segment",
+        tiny_ct().to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--box",
+        "30,30,8,80,70,22",
+        "--identify",
+        "--candidates",
+        names.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert_eq!(err.matches("segvol: identify #").count(), 5, "{err}");
+    assert!(out.is_file());
+    let r = common::json(&report);
+    let ranked = r["identify"].as_array().unwrap();
+    let mut got: Vec<&str> = ranked.iter().map(|x| x[0].as_str().unwrap()).collect();
+    let scores: Vec<f64> = ranked.iter().map(|x| x[1].as_f64().unwrap()).collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "not best first: {scores:?}"
+    );
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "aorta",
+            "left kidney",
+            "liver",
+            "pancreas",
+            "spleen",
+            "stomach"
+        ]
+    );
+    // --identify names a spatial prompt: a text is refused by the parser.
+    let res = common::segvol(&[
+        "segment",
+        tiny_ct().to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "liver",
+        "--identify",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(res.status.code(), Some(2));
+}

@@ -67,6 +67,14 @@ pub struct SegmentArgs {
     /// `zoom_out_logits`, one pair per prompt) for inspection.
     #[arg(long)]
     save_logits: Option<PathBuf>,
+    /// Also name what the box/points segment (no --text): rank the candidate names
+    /// (`Session::identify`) and print the top five; all go into --json.
+    #[arg(long, conflicts_with = "text")]
+    identify: bool,
+    /// With --identify: a file of candidate names, one per line (default: FLARE22's organs,
+    /// further TotalSegmentator organs and vessels, lesions).
+    #[arg(long, requires = "identify")]
+    candidates: Option<PathBuf>,
     /// Run the bundled example: a small CT, generated full-size random weights, "liver".
     #[arg(long, conflicts_with_all = ["inputs", "model"])]
     demo: bool,
@@ -482,15 +490,37 @@ fn segment_volume(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut progress = progress_line(label);
-    let out = pipeline::segment(
-        model,
-        &vol.data,
-        vol.model_dims(),
-        &prompts,
-        opts,
-        &mut progress,
-    )
-    .map_err(|e| in_file(e, &vol.path))?;
+    let mut identified = None;
+    let out = if a.identify {
+        // A session: the spatial prompt's windows are encoded once and every candidate reuses
+        // them (decoder passes only).
+        let host = model.backend().free_memory().is_none();
+        let request =
+            pipeline::plan::Request::for_prompts(&prompts, host, |t| model.token_count(t))?;
+        let session = pipeline::Session::open(model, &vol.data, vol.model_dims(), request, opts)
+            .map_err(|e| in_file(e, &vol.path))?;
+        session.set_cache_limit(IDENTIFY_CACHE);
+        let p = session
+            .segment(&prompts[0], &mut progress)
+            .map_err(|e| in_file(e, &vol.path))?;
+        let candidates = candidate_names(a.candidates.as_deref())?;
+        identified = Some(
+            session
+                .identify(&prompts[0], &candidates)
+                .map_err(|e| in_file(e, &vol.path))?,
+        );
+        session.outcome(vec![p])
+    } else {
+        pipeline::segment(
+            model,
+            &vol.data,
+            vol.model_dims(),
+            &prompts,
+            opts,
+            &mut progress,
+        )
+        .map_err(|e| in_file(e, &vol.path))?
+    };
     let t_write = Instant::now();
     let write_range = segvol::backend::range(model.backend().as_ref(), "write");
     let files = write_outputs(vol, &out, output, &prompts)?;
@@ -499,7 +529,7 @@ fn segment_volume(
     }
     drop(write_range);
     let write_seconds = t_write.elapsed().as_secs_f64();
-    let report = report(
+    let mut report = report(
         vol,
         &out,
         &files,
@@ -507,7 +537,56 @@ fn segment_volume(
         t_all.elapsed().as_secs_f64(),
     );
     print_summary(vol, &out, &files, write_seconds);
+    if let Some(id) = identified {
+        for (rank, (name, score, share)) in id.ranked.iter().take(5).enumerate() {
+            eprintln!(
+                "segvol: identify #{}: {name} (score {score:.4}, share {:.1}%)",
+                rank + 1,
+                100.0 * share
+            );
+        }
+        report["identify"] = json!(id
+            .ranked
+            .iter()
+            .map(|(n, s, sh)| json!([n, s, sh]))
+            .collect::<Vec<_>>());
+    }
     Ok(report)
+}
+
+/// Device memory `--identify` keeps for the spatial prompt's window embeddings.
+const IDENTIFY_CACHE: usize = 1 << 30;
+
+/// Candidate names: one per line of `file` (blank lines and `#` comments skipped), else the
+/// defaults.
+fn candidate_names(file: Option<&Path>) -> Result<Vec<String>> {
+    let Some(f) = file else {
+        return Ok(pipeline::DEFAULT_CANDIDATES
+            .iter()
+            .map(|s| s.to_string())
+            .collect());
+    };
+    let meta = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+    if !meta.is_file() || meta.len() > 1 << 20 {
+        return Err(Error::Input(format!(
+            "--candidates {}: expected a text file of at most 1 MiB, one name per line",
+            f.display()
+        )));
+    }
+    let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        return Err(Error::Input(format!(
+            "--candidates {}: no names in the file",
+            f.display()
+        )));
+    }
+    Ok(names)
 }
 
 /// Names the file in faults of its content (no foreground, a prompt outside it, ...).
