@@ -251,6 +251,40 @@ pub fn segment(
 /// foreground crop and the zoom-out window's image embedding stay on the device, so each
 /// [`Session::segment`] runs only the prompt's own work (§6.5-§6.9). A prompt's result is the
 /// same whatever was prompted before: the session keeps inputs, never results.
+///
+/// ```
+/// use segvol::backend::DeviceSpec;
+/// use segvol::model::SegVol;
+/// use segvol::pipeline::{plan::Request, Options, PromptOptions, Session, UserPrompt};
+///
+/// let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+/// let model = SegVol::load(&root.join("tiny/model"), DeviceSpec::parse("cpu", None)?.open()?)?;
+/// let vol = segvol::io::nifti::read_volume(&root.join("data/example_ct_sm.nii.gz"))?;
+/// let session = Session::open(&model, &vol.data, vol.model_dims(), Request::default(), &Options::default())?;
+/// session.set_cache_limit(256 << 20);
+///
+/// let text = UserPrompt { text: Some("liver".into()), ..Default::default() };
+/// let first = session.segment(&text, &mut |_, _| {})?;
+/// // The same prompt again: every window's embedding is cached, the bytes are the same.
+/// let again = session.segment(&text, &mut |_, _| {})?;
+/// assert_eq!(again.cached_windows, again.windows.len());
+/// assert_eq!(again.mask, first.mask);
+///
+/// // A click inside the ROI, refining it (decoder passes only).
+/// let click = UserPrompt { points: vec![[60, 50, 15]], positive: vec![true], ..text.clone() };
+/// let refined = session.segment_with(&click, PromptOptions { keep_roi: true }, &mut |_, _| {})?;
+/// assert!(refined.roi_kept);
+///
+/// // What does a box hold? Candidates ranked best first.
+/// let bbox = UserPrompt { bbox: Some([30, 30, 8, 80, 70, 22]), ..Default::default() };
+/// let named = session.identify(&bbox, &["liver".into(), "spleen".into()])?;
+/// assert_eq!(named.ranked.len(), 2);
+///
+/// // Masks on the original grid, in file order, for writing with `io::nifti::write_mask`.
+/// let mask = session.outcome(vec![refined]).mask(0);
+/// assert_eq!(mask.len(), vol.data.len());
+/// # Ok::<(), segvol::Error>(())
+/// ```
 pub struct Session<'m> {
     model: &'m SegVol,
     b: &'m dyn Backend,
