@@ -178,3 +178,37 @@ fn plan_prints_the_arena_segment_uses() {
         human(arena)
     );
 }
+
+/// A session's embedding cache is part of the plan: `plan --cache` shows it and counts it in
+/// the device total.
+#[test]
+fn plan_counts_a_session_cache() {
+    let model = common::tiny().join("model");
+    let m = model.to_str().unwrap();
+    let total = |extra: &[&str]| -> String {
+        let mut args = vec!["plan", "--model", m, "--shape", "122x101x30"];
+        args.extend_from_slice(extra);
+        let res = common::segvol(&args);
+        let out = String::from_utf8_lossy(&res.stdout).into_owned();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        out
+    };
+    let without = total(&[]);
+    let with = total(&["--cache", "1G"]);
+    assert!(!without.contains("session embedding cache"));
+    assert!(
+        with.contains("session embedding cache") && with.contains("1.00 GiB"),
+        "{with}"
+    );
+    let device = |s: &str| {
+        s.lines()
+            .find(|l| l.contains("device total"))
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(device(&with), device(&without));
+}

@@ -450,7 +450,8 @@ impl EmbeddingCache {
 impl<'m> Session<'m> {
     /// Uploads, normalises and crops `volume` (model-frame `dims`), and encodes its zoom-out
     /// window, all in one region laid out by the plan of `request` (whose prompts size the
-    /// arena; a later prompt larger than those grows it once).
+    /// arena; a later prompt larger than those grows it once). The embedding cache starts at
+    /// `request.cache_bytes`, which the plan counts against the budget.
     pub fn open(
         model: &'m SegVol,
         volume: &[f32],
@@ -543,7 +544,10 @@ impl<'m> Session<'m> {
             preprocess_seconds,
             zoom_out_encode_seconds,
             arena_allocations,
-            cache: Default::default(),
+            cache: parking_lot::Mutex::new(EmbeddingCache {
+                limit: request.cache_bytes,
+                ..Default::default()
+            }),
             last_roi: Default::default(),
         })
     }

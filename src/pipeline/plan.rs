@@ -126,6 +126,8 @@ pub struct Request {
     pub sparse_tokens: usize,
     /// The longest tokenized text (0: no text prompt).
     pub text_tokens: usize,
+    /// Device bytes a session keeps for zoom-in image embeddings (0 for a one-shot run).
+    pub cache_bytes: usize,
 }
 
 impl Default for Request {
@@ -137,6 +139,7 @@ impl Default for Request {
             shares_budget: false,
             sparse_tokens: PLAN_SPARSE,
             text_tokens: PLAN_TEXT_LEN,
+            cache_bytes: 0,
         }
     }
 }
@@ -164,6 +167,7 @@ impl Request {
             shares_budget,
             sparse_tokens,
             text_tokens,
+            cache_bytes: 0,
         })
     }
 }
@@ -402,9 +406,11 @@ impl VolumePlan {
     }
 
     /// Everything on the device: weights, the model's arena, the volume region (which holds
-    /// the window inputs, outputs and embeddings the model reads and writes).
+    /// the window inputs, outputs and embeddings the model reads and writes), and a session's
+    /// embedding cache.
     pub fn total_bytes(&self) -> usize {
-        self.call.weight_bytes + self.call.arena_bytes + self.volume_bytes
+        (self.call.weight_bytes + self.call.arena_bytes + self.volume_bytes)
+            .saturating_add(self.request.cache_bytes)
     }
 }
 

@@ -37,6 +37,10 @@ pub struct PlanArgs {
     /// With --shape: points per prompt (as `segment --point`, counted, not placed).
     #[arg(long, default_value_t = 0)]
     points: usize,
+    /// With --shape: a session's embedding cache (as `segvol session --cache`), counted in
+    /// the device total and the budget.
+    #[arg(long)]
+    cache: Option<String>,
     #[command(flatten)]
     device: DeviceArgs,
     /// Only the per-program summary, not every activation.
@@ -79,7 +83,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
         Some(shape) => {
             let xyz = parse_shape(shape)?;
             // Model frame (D, H, W) = file (Z, Y, X), spec §6.1.
-            let host = request(&a, &cfg, spec.is_host())?;
+            let mut host = request(&a, &cfg, spec.is_host())?;
+            host.cache_bytes = a.cache.as_deref().map(parse_size).transpose()?.unwrap_or(0);
             let plan =
                 VolumePlan::fit(&cfg, dtype, [xyz[2], xyz[1], xyz[0]], a.batch, limit, host)?;
             let windows = VolumePlan::max_windows(&cfg, plan.dims);
@@ -256,6 +261,12 @@ fn print_volume(plan: &VolumePlan, xyz: [usize; 3], limit: Option<usize>, window
         "  call buffers                         {:>12}",
         human(plan.call.io_bytes)
     );
+    if plan.request.cache_bytes > 0 {
+        println!(
+            "  session embedding cache              {:>12}",
+            human(plan.request.cache_bytes)
+        );
+    }
     println!(
         "  device total                         {:>12}",
         human(plan.total_bytes())

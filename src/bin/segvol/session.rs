@@ -75,10 +75,9 @@ pub fn run(a: SessionArgs) -> Result<()> {
         shares_budget: false,
         sparse_tokens: PLANNED_POINTS + 3,
         text_tokens: cfg.text.max_positions,
+        cache_bytes: parse_size(&a.cache)?,
     };
-    let cache = parse_size(&a.cache)?;
     let session = Session::open(&model, &vol.data, vol.model_dims(), request, &opts)?;
-    session.set_cache_limit(cache);
     eprintln!(
         "segvol session: {} open on {} in {:.1} s; one JSON request per line on stdin",
         vol.path.display(),
