@@ -29,7 +29,7 @@
 
 mod common;
 
-use common::parity::{next_seed, random};
+use common::parity::{float_volume, hu_volume, next_seed, random};
 use common::reference as r64;
 use segvol::backend::cpu::CpuBackend;
 use segvol::backend::{
@@ -1287,29 +1287,6 @@ impl Vol {
             Vol::One => vec![42.0],
         }
     }
-}
-
-/// A CT-like integer volume (HU): air around -1000, soft tissue, some bone up to 3071.
-fn hu_volume(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = Rng(seed);
-    (0..n)
-        .map(|_| {
-            let k = r.below(100);
-            let v = if k < 40 {
-                -1024 + r.below(60) as i64
-            } else if k < 95 {
-                -150 + r.below(400) as i64
-            } else {
-                200 + r.below(2872) as i64
-            };
-            v as f32
-        })
-        .collect()
-}
-
-/// A non-integer volume with a positive mean.
-fn float_volume(n: usize, seed: u64) -> Vec<f32> {
-    random(n, 900.0, seed).iter().map(|v| v + 450.0).collect()
 }
 
 /// Counts 0..3 (some zero) for `divide_counts` and the accumulators.

@@ -34,29 +34,6 @@ fn volume_devices() -> Vec<OpDevice> {
     out
 }
 
-/// A CT-like integer volume (HU): air around -1000, soft tissue, some bone up to 3071.
-fn hu_volume(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = Rng(seed);
-    (0..n)
-        .map(|_| {
-            let k = r.below(100);
-            let v = if k < 40 {
-                -1024 + r.below(60) as i64
-            } else if k < 95 {
-                -150 + r.below(400) as i64
-            } else {
-                200 + r.below(2872) as i64
-            };
-            v as f32
-        })
-        .collect()
-}
-
-/// A non-integer volume with a positive mean (relative errors stay meaningful).
-fn float_volume(n: usize, seed: u64) -> Vec<f32> {
-    random(n, 900.0, seed).iter().map(|v| v + 450.0).collect()
-}
-
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(f64::MIN_POSITIVE)
 }

@@ -50,15 +50,18 @@ fn a_request_builds_each_program_once_and_never_grows_its_arena() {
             mem_limit: None,
         };
         let ps = prompts();
-        let out = pipeline::segment(
-            &model,
-            &vol.data,
-            vol.model_dims(),
-            &ps,
-            &opts,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let run = || {
+            pipeline::segment(
+                &model,
+                &vol.data,
+                vol.model_dims(),
+                &ps,
+                &opts,
+                &mut |_, _| {},
+            )
+            .unwrap()
+        };
+        let out = run();
         let label = dut.label();
         let windows: usize = out.prompts.iter().map(|p| p.windows.len()).sum();
         assert!(
@@ -82,21 +85,13 @@ fn a_request_builds_each_program_once_and_never_grows_its_arena() {
         // sparse shape: more than a handful of keys, each built once.
         assert!(stats.programs >= 5, "{label}: {stats:?}");
         // The same request again: nothing is built or allocated anew.
-        pipeline::segment(
-            &model,
-            &vol.data,
-            vol.model_dims(),
-            &ps,
-            &opts,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        run();
         let again = model.runtime_stats();
         assert_eq!(again.builds, stats.builds, "{label}: rebuilt programs");
         assert_eq!(again.arena_allocations, 1, "{label}: reallocated the arena");
 
         // The plan of the same request reserves exactly the arena the run used.
-        let request = Request::for_prompts(&ps, false, |t| model.token_count(t)).unwrap();
+        let request = Request::for_prompts(&ps, |t| model.token_count(t)).unwrap();
         let plan = VolumePlan::fit(
             model.config(),
             model.backend().dtype(),

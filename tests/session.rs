@@ -39,6 +39,22 @@ fn sequence() -> Vec<UserPrompt> {
     ]
 }
 
+/// Runs `f` on a session of the tiny CT on the first test device, with a 1 GiB cache.
+fn with_session(f: impl FnOnce(&SegVol, &Session<'_>)) {
+    let vol = read_volume(&tiny_ct()).unwrap();
+    let model = SegVol::load(&common::tiny().join("model"), common::devices()[0].open()).unwrap();
+    let session = Session::open(
+        &model,
+        &vol.data,
+        vol.model_dims(),
+        Request::default(),
+        &Options::default(),
+    )
+    .unwrap();
+    session.set_cache_limit(1 << 30);
+    f(&model, &session);
+}
+
 #[test]
 fn a_session_gives_every_prompt_the_bytes_of_a_fresh_segment() {
     let vol = read_volume(&tiny_ct()).unwrap();
@@ -213,41 +229,32 @@ fn session_over_json_lines_survives_bad_requests() {
 #[test]
 fn keep_roi_refines_inside_the_previous_roi_without_encoder_passes() {
     use segvol::pipeline::PromptOptions;
-    let vol = read_volume(&tiny_ct()).unwrap();
-    let model = SegVol::load(&common::tiny().join("model"), common::devices()[0].open()).unwrap();
-    let session = Session::open(
-        &model,
-        &vol.data,
-        vol.model_dims(),
-        Request::default(),
-        &Options::default(),
-    )
-    .unwrap();
-    session.set_cache_limit(1 << 30);
-    let keep = PromptOptions { keep_roi: true };
-    let refine = UserPrompt {
-        points: vec![[60, 50, 15]],
-        positive: vec![true],
-        ..text("liver")
-    };
-    let fresh = session.segment_with(&refine, keep, &mut |_, _| {}).unwrap();
-    assert!(!fresh.roi_kept, "no previous ROI to keep");
-    let first = session.segment(&text("liver"), &mut |_, _| {}).unwrap();
-    let builds = model.runtime_stats().builds;
-    let refined = session.segment_with(&refine, keep, &mut |_, _| {}).unwrap();
-    assert!(refined.roi_kept);
-    assert_eq!(refined.roi, first.roi);
-    assert_eq!(refined.windows.len(), first.windows.len());
-    assert_eq!(
-        refined.cached_windows,
-        refined.windows.len(),
-        "an encoder pass ran"
-    );
-    assert_eq!(
-        model.runtime_stats().builds,
-        builds,
-        "a new program was built"
-    );
+    with_session(|model, session| {
+        let keep = PromptOptions { keep_roi: true };
+        let refine = UserPrompt {
+            points: vec![[60, 50, 15]],
+            positive: vec![true],
+            ..text("liver")
+        };
+        let fresh = session.segment_with(&refine, keep, &mut |_, _| {}).unwrap();
+        assert!(!fresh.roi_kept, "no previous ROI to keep");
+        let first = session.segment(&text("liver"), &mut |_, _| {}).unwrap();
+        let builds = model.runtime_stats().builds;
+        let refined = session.segment_with(&refine, keep, &mut |_, _| {}).unwrap();
+        assert!(refined.roi_kept);
+        assert_eq!(refined.roi, first.roi);
+        assert_eq!(refined.windows.len(), first.windows.len());
+        assert_eq!(
+            refined.cached_windows,
+            refined.windows.len(),
+            "an encoder pass ran"
+        );
+        assert_eq!(
+            model.runtime_stats().builds,
+            builds,
+            "a new program was built"
+        );
+    });
 }
 
 /// `identify` ranks candidates by the mean sigmoid of their text-conditioned logits inside the
@@ -256,67 +263,58 @@ fn keep_roi_refines_inside_the_previous_roi_without_encoder_passes() {
 #[test]
 fn identify_ranks_as_explicit_per_candidate_runs() {
     use segvol::pipeline::{mean_sigmoid_inside, PromptOptions, DEFAULT_CANDIDATES};
-    let vol = read_volume(&tiny_ct()).unwrap();
-    let model = SegVol::load(&common::tiny().join("model"), common::devices()[0].open()).unwrap();
-    let session = Session::open(
-        &model,
-        &vol.data,
-        vol.model_dims(),
-        Request::default(),
-        &Options::default(),
-    )
-    .unwrap();
-    session.set_cache_limit(1 << 30);
-    let spatial = UserPrompt {
-        bbox: Some([30, 30, 8, 80, 70, 22]),
-        ..UserPrompt::default()
-    };
-    let candidates: Vec<String> = DEFAULT_CANDIDATES[..8]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let id = session.identify(&spatial, &candidates).unwrap();
-    assert_eq!(id.ranked.len(), candidates.len());
-    let shares: f64 = id.ranked.iter().map(|r| r.2).sum();
-    assert!((shares - 1.0).abs() < 1e-9, "shares sum to {shares}");
-    assert!(id.ranked.windows(2).all(|w| w[0].1 >= w[1].1), "not sorted");
-    // Explicit runs: the spatial prompt alone, then each candidate inside its ROI.
-    let base = session.segment(&spatial, &mut |_, _| {}).unwrap();
-    assert_eq!(base.voxels, id.mask_voxels);
-    let mut explicit = Vec::new();
-    for c in &candidates {
-        session.segment(&spatial, &mut |_, _| {}).unwrap(); // the spatial prompt's ROI again
-        let out = session
-            .segment_with(
-                &UserPrompt {
-                    text: Some(c.clone()),
-                    ..spatial.clone()
-                },
-                PromptOptions { keep_roi: true },
-                &mut |_, _| {},
-            )
-            .unwrap();
-        assert!(out.roi_kept && out.roi == base.roi, "{c}: ROI not kept");
-        assert_eq!(
-            out.cached_windows,
-            out.windows.len(),
-            "{c}: an encoder pass ran"
-        );
-        explicit.push((c.clone(), mean_sigmoid_inside(&out.logits, &base.mask)));
-    }
-    let best = explicit
-        .iter()
-        .fold(&explicit[0], |b, x| if x.1 > b.1 { x } else { b });
-    assert_eq!(id.ranked[0].0, best.0);
-    for (name, score, _) in &id.ranked {
-        let e = explicit.iter().find(|x| &x.0 == name).unwrap();
-        assert_eq!(
-            *score, e.1,
-            "{name}: identify and the explicit run disagree"
-        );
-    }
-    // A text is not a spatial prompt.
-    assert!(session.identify(&text("liver"), &candidates).is_err());
+    with_session(|_, session| {
+        let spatial = UserPrompt {
+            bbox: Some([30, 30, 8, 80, 70, 22]),
+            ..UserPrompt::default()
+        };
+        let candidates: Vec<String> = DEFAULT_CANDIDATES[..8]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let id = session.identify(&spatial, &candidates).unwrap();
+        assert_eq!(id.ranked.len(), candidates.len());
+        let shares: f64 = id.ranked.iter().map(|r| r.2).sum();
+        assert!((shares - 1.0).abs() < 1e-9, "shares sum to {shares}");
+        assert!(id.ranked.windows(2).all(|w| w[0].1 >= w[1].1), "not sorted");
+        // Explicit runs: the spatial prompt alone, then each candidate inside its ROI.
+        let base = session.segment(&spatial, &mut |_, _| {}).unwrap();
+        assert_eq!(base.voxels, id.mask_voxels);
+        let mut explicit = Vec::new();
+        for c in &candidates {
+            session.segment(&spatial, &mut |_, _| {}).unwrap(); // the spatial prompt's ROI again
+            let out = session
+                .segment_with(
+                    &UserPrompt {
+                        text: Some(c.clone()),
+                        ..spatial.clone()
+                    },
+                    PromptOptions { keep_roi: true },
+                    &mut |_, _| {},
+                )
+                .unwrap();
+            assert!(out.roi_kept && out.roi == base.roi, "{c}: ROI not kept");
+            assert_eq!(
+                out.cached_windows,
+                out.windows.len(),
+                "{c}: an encoder pass ran"
+            );
+            explicit.push((c.clone(), mean_sigmoid_inside(&out.logits, &base.mask)));
+        }
+        let best = explicit
+            .iter()
+            .fold(&explicit[0], |b, x| if x.1 > b.1 { x } else { b });
+        assert_eq!(id.ranked[0].0, best.0);
+        for (name, score, _) in &id.ranked {
+            let e = explicit.iter().find(|x| &x.0 == name).unwrap();
+            assert_eq!(
+                *score, e.1,
+                "{name}: identify and the explicit run disagree"
+            );
+        }
+        // A text is not a spatial prompt.
+        assert!(session.identify(&text("liver"), &candidates).is_err());
+    });
 }
 
 /// `segment --identify` prints the top five and reports every candidate, best first, with the

@@ -278,7 +278,7 @@ pub fn parse_window_prompt(v: &Value, window: [usize; 3]) -> Result<WindowPrompt
         p.text = Some(t.to_string());
     }
     if let Some(b) = obj.get("box").filter(|b| !b.is_null()) {
-        let vals = numbers(b, 6, "box")?;
+        let vals = json_numbers(b, 6, "box")?;
         check_box(&vals, window)?;
         let bbox: [f32; 6] = std::array::from_fn(|i| vals[i] as f32);
         p.bbox = Some(bbox);
@@ -291,7 +291,7 @@ pub fn parse_window_prompt(v: &Value, window: [usize; 3]) -> Result<WindowPrompt
             ))
         })?;
         for (i, pt) in arr.iter().enumerate() {
-            let vals = numbers(pt, 3, &format!("points[{i}]"))?;
+            let vals = json_numbers(pt, 3, &format!("points[{i}]"))?;
             check_inside(&vals, window).map_err(|axis| {
                 Error::Prompt(format!(
                     "points[{i}] = [{}] lies outside the {}x{}x{} window on axis {axis}",
@@ -307,7 +307,7 @@ pub fn parse_window_prompt(v: &Value, window: [usize; 3]) -> Result<WindowPrompt
     }
     match obj.get("labels").filter(|x| !x.is_null()) {
         Some(l) => {
-            let vals = numbers(l, p.points.len(), "labels")?;
+            let vals = json_numbers(l, p.points.len(), "labels")?;
             for (i, &x) in vals.iter().enumerate() {
                 if x != 0.0 && x != 1.0 {
                     return Err(Error::Prompt(format!(
@@ -329,7 +329,8 @@ pub fn parse_window_prompt(v: &Value, window: [usize; 3]) -> Result<WindowPrompt
     Ok(p)
 }
 
-fn numbers(v: &Value, n: usize, what: &str) -> Result<Vec<f64>> {
+/// `n` finite numbers of a JSON array, or a prompt error naming the field `what`.
+pub fn json_numbers(v: &Value, n: usize, what: &str) -> Result<Vec<f64>> {
     let arr = v.as_array().filter(|a| a.len() == n).ok_or_else(|| {
         Error::Prompt(format!(
             "`{what}` must be an array of {n} numbers, found {}",

@@ -236,9 +236,8 @@ pub fn segment(
     for p in prompts {
         check_prompt(p, dims)?;
     }
-    let host_device = model.backend().free_memory().is_none();
     // The real prompts size the arena: nothing grows once the first launch is made.
-    let request = plan::Request::for_prompts(prompts, host_device, |t| model.token_count(t))?;
+    let request = plan::Request::for_prompts(prompts, |t| model.token_count(t))?;
     let session = Session::open(model, volume, dims, request, opts)?;
     let mut outcomes = Vec::with_capacity(prompts.len());
     for p in prompts {
@@ -1060,10 +1059,10 @@ fn check_prompt(p: &UserPrompt, dims: [usize; 3]) -> Result<()> {
 /// weights) or the device failed; either way the mask would be silently empty. Exit 1.
 fn check_finite(b: &dyn Backend, logits: &[f32], stage: &str, p: &UserPrompt) -> Result<()> {
     if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
-        let mut what = p.text.clone().unwrap_or_else(|| "box/points".into());
-        if what.chars().count() > 40 {
-            what = what.chars().take(40).collect::<String>() + "…";
-        }
+        let what = p
+            .text
+            .as_deref()
+            .map_or_else(|| "box/points".to_string(), crate::error::clip);
         return Err(Error::device(
             b.name(),
             format!(

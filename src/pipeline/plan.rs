@@ -145,13 +145,13 @@ impl Default for Request {
 }
 
 impl Request {
-    /// The request of `prompts`, with `token_count` giving a text's tokenized length.
+    /// The request of `prompts`, with `token_count` giving a text's tokenized length
+    /// (`shares_budget` is the device's to say: [`super::Session::open`] sets it).
     /// Sparse tokens bound every call of the pipeline (spec §2.2-§2.4, §6.5): a prompt's
     /// points (the zoom-in sends a subset), two box corners (the zoom-in adds the window's
     /// box; without a box the single pad point is fewer), one text token.
     pub fn for_prompts(
         prompts: &[super::UserPrompt],
-        shares_budget: bool,
         mut token_count: impl FnMut(&str) -> Result<usize>,
     ) -> Result<Self> {
         let mut sparse_tokens = 1;
@@ -164,7 +164,7 @@ impl Request {
         }
         Ok(Request {
             prompts: prompts.len().max(1),
-            shares_budget,
+            shares_budget: false,
             sparse_tokens,
             text_tokens,
             cache_bytes: 0,

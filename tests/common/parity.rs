@@ -189,3 +189,26 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
 pub fn rounded(values: &[f32], dtype: DType) -> Vec<f32> {
     segvol::dtype::round_through(values, dtype)
 }
+
+/// A CT-like integer volume (HU): air around -1000, soft tissue, some bone up to 3071.
+pub fn hu_volume(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = segvol::rng::SplitMix64(seed);
+    (0..n)
+        .map(|_| {
+            let k = r.below(100);
+            let v = if k < 40 {
+                -1024 + r.below(60) as i64
+            } else if k < 95 {
+                -150 + r.below(400) as i64
+            } else {
+                200 + r.below(2872) as i64
+            };
+            v as f32
+        })
+        .collect()
+}
+
+/// A non-integer volume with a positive mean (relative errors stay meaningful).
+pub fn float_volume(n: usize, seed: u64) -> Vec<f32> {
+    random(n, 900.0, seed).iter().map(|v| v + 450.0).collect()
+}

@@ -153,8 +153,9 @@ fn request(a: &PlanArgs, cfg: &segvol::ModelConfig, shares_budget: bool) -> Resu
         &cfg.text_template,
         cfg.text.max_positions,
     )?;
-    Request::for_prompts(&prompts, shares_budget, |t| {
-        Ok(tokenizer.encode(t)?.ids.len())
+    Ok(Request {
+        shares_budget,
+        ..Request::for_prompts(&prompts, |t| Ok(tokenizer.encode(t)?.ids.len()))?
     })
 }
 

@@ -282,50 +282,63 @@ fn check_outputs(inputs: &[PathBuf], output: &Output, a: &SegmentArgs) -> Result
                 path.display()
             )));
         }
-        let parent = match path.parent() {
-            Some(q) if !q.as_os_str().is_empty() => q,
-            _ => Path::new("."),
-        };
-        let is_out_dir = matches!(output, Output::Dir(d) if parent == d.as_path());
-        // --out-dir is created when missing: what must be writable is its nearest ancestor.
-        let dir = if is_out_dir {
-            parent
-                .ancestors()
-                .find(|d| d.is_dir())
-                .unwrap_or(Path::new("."))
-        } else if parent.is_dir() {
-            parent
-        } else {
-            return Err(Error::Usage(format!(
-                "{what} {}: the directory {} does not exist",
-                path.display(),
-                parent.display()
-            )));
-        };
-        if !probed.iter().any(|p| p == dir) {
-            check_writable(dir).map_err(|e| {
-                Error::Usage(format!(
-                    "{what} {}: cannot write in {}: {e}",
-                    path.display(),
-                    dir.display()
-                ))
-            })?;
-            probed.push(dir.to_path_buf());
-        }
-        if path.is_dir() {
-            return Err(Error::Usage(format!(
-                "{what} {}: is a directory",
-                path.display()
-            )));
-        }
+        let in_out_dir = matches!(output, Output::Dir(d) if path.parent() == Some(d.as_path()));
+        check_location(path, what, in_out_dir, &mut probed)?;
         seen.push((id, what.as_str()));
+    }
+    Ok(())
+}
+
+/// Refuses a file about to be written at `path` (`what` names it) when it is a directory or
+/// its directory is missing or refuses new files. With `created` (a file of `--out-dir`, which
+/// is created when missing) the nearest existing ancestor must accept them. `probed` lists the
+/// directories already found writable.
+pub(crate) fn check_location(
+    path: &Path,
+    what: &str,
+    created: bool,
+    probed: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let parent = match path.parent() {
+        Some(q) if !q.as_os_str().is_empty() => q,
+        _ => Path::new("."),
+    };
+    let dir = if created {
+        parent
+            .ancestors()
+            .find(|d| d.is_dir())
+            .unwrap_or(Path::new("."))
+    } else if parent.is_dir() {
+        parent
+    } else {
+        return Err(Error::Usage(format!(
+            "{what} {}: the directory {} does not exist",
+            path.display(),
+            parent.display()
+        )));
+    };
+    if !probed.iter().any(|p| p == dir) {
+        check_writable(dir).map_err(|e| {
+            Error::Usage(format!(
+                "{what} {}: cannot write in {}: {e}",
+                path.display(),
+                dir.display()
+            ))
+        })?;
+        probed.push(dir.to_path_buf());
+    }
+    if path.is_dir() {
+        return Err(Error::Usage(format!(
+            "{what} {}: is a directory",
+            path.display()
+        )));
     }
     Ok(())
 }
 
 /// Whether files can be created in `dir`, by creating (and removing) one: permission bits do
 /// not tell about read-only mounts, ACLs or a full inode table.
-pub(crate) fn check_writable(dir: &Path) -> std::io::Result<()> {
+fn check_writable(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(format!(".segvol-probe-{}", std::process::id()));
     std::fs::OpenOptions::new()
         .write(true)
@@ -494,12 +507,12 @@ fn segment_volume(
     let out = if a.identify {
         // A session: the spatial prompt's windows are encoded once and every candidate reuses
         // them (decoder passes only).
-        let host = model.backend().free_memory().is_none();
-        let request =
-            pipeline::plan::Request::for_prompts(&prompts, host, |t| model.token_count(t))?;
+        let request = pipeline::plan::Request {
+            cache_bytes: IDENTIFY_CACHE,
+            ..pipeline::plan::Request::for_prompts(&prompts, |t| model.token_count(t))?
+        };
         let session = pipeline::Session::open(model, &vol.data, vol.model_dims(), request, opts)
             .map_err(|e| in_file(e, &vol.path))?;
-        session.set_cache_limit(IDENTIFY_CACHE);
         let p = session
             .segment(&prompts[0], &mut progress)
             .map_err(|e| in_file(e, &vol.path))?;

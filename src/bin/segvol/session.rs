@@ -16,13 +16,13 @@
 //! "seconds", "out"}`. Zoom-in image embeddings are kept per ROI within `--cache` bytes, so a prompt on
 //! an ROI seen before skips those encoder passes, with bit-identical results.
 
-use crate::segment::{check_nifti_name, check_writable, identity, same_file, voxel_ml};
+use crate::segment::{check_location, check_nifti_name, identity, same_file, voxel_ml};
 use crate::DeviceArgs;
 use clap::Args;
 use segvol::config::describe;
 use segvol::error::{clip, Error, Result};
 use segvol::io::nifti::{self, Volume};
-use segvol::io::prompt::{Coords, Units, VolumePrompts};
+use segvol::io::prompt::{json_numbers, Coords, Units, VolumePrompts};
 use segvol::pipeline::{self, plan::parse_size, Options, PromptOptions, Session};
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
@@ -334,20 +334,11 @@ fn parse_request(v: &Value) -> Result<(VolumePrompts, PromptOptions, Option<Path
     Ok((prompts, PromptOptions { keep_roi }, out))
 }
 
+/// `N` finite numbers ([`segvol::io::prompt::json_numbers`], the window prompt's rule).
 fn numbers<const N: usize>(v: &Value, what: &str) -> Result<[f64; N]> {
-    let bad = || {
-        Error::Prompt(format!(
-            "request: `{what}` must be an array of {N} numbers, found {}",
-            describe(v)
-        ))
-    };
-    let arr = v.as_array().filter(|a| a.len() == N).ok_or_else(bad)?;
-    let vals: Vec<f64> = arr
-        .iter()
-        .map(|x| x.as_f64().filter(|f| f.is_finite()))
-        .collect::<Option<_>>()
-        .ok_or_else(bad)?;
-    vals.try_into().map_err(|_| bad())
+    let vals = json_numbers(v, N, what)?;
+    vals.try_into()
+        .map_err(|_| Error::Internal(format!("`{what}`: not {N} numbers after checking")))
 }
 
 /// An output path: a NIfTI name, not the input, in an existing writable directory.
@@ -359,28 +350,5 @@ fn check_out(out: &Path, input: &Path) -> Result<()> {
             out.display()
         )));
     }
-    if out.is_dir() {
-        return Err(Error::Usage(format!(
-            "out {}: is a directory",
-            out.display()
-        )));
-    }
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        return Err(Error::Usage(format!(
-            "out {}: the directory {} does not exist",
-            out.display(),
-            dir.display()
-        )));
-    }
-    check_writable(dir).map_err(|e| {
-        Error::Usage(format!(
-            "out {}: cannot write in {}: {e}",
-            out.display(),
-            dir.display()
-        ))
-    })
+    check_location(out, "out", false, &mut Vec::new())
 }
