@@ -1152,3 +1152,89 @@ fn singular_affine_error_names_the_file() {
         "{e}"
     );
 }
+
+/// `coords::qform_params` inverts `qform_affine` for rotations of either handedness, and a
+/// volume made by `Volume::from_grid` writes a mask that reads back with the same affine.
+#[test]
+fn a_grid_from_another_format_keeps_its_affine_through_a_written_mask() {
+    use segvol::io::coords::{qform_affine, qform_params};
+    let rot = |ax: f64, ay: f64, az: f64| {
+        let (sx, cx, sy, cy, sz, cz) = (ax.sin(), ax.cos(), ay.sin(), ay.cos(), az.sin(), az.cos());
+        [
+            [cy * cz, sx * sy * cz - cx * sz, cx * sy * cz + sx * sz],
+            [cy * sz, sx * sy * sz + cx * cz, cx * sy * sz - sx * cz],
+            [-sy, sx * cy, cx * cy],
+        ]
+    };
+    let mut cases = vec![];
+    for (n, angles) in [
+        (0.0, 0.0, 0.0),
+        (0.3, -1.2, 2.9),
+        (3.1, 0.1, -0.2),
+        (1.5, 3.0, 0.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for flip in [1.0, -1.0] {
+            let r = rot(angles.0, angles.1, angles.2);
+            let steps = [0.7, 0.9 + n as f64 * 0.1, 2.5];
+            let mut a = [[0.0; 4]; 4];
+            for row in 0..3 {
+                for c in 0..3 {
+                    a[row][c] = r[row][c] * steps[c] * if c == 2 { flip } else { 1.0 };
+                }
+                a[row][3] = [-120.5, 30.25, 410.0][row];
+            }
+            a[3][3] = 1.0;
+            cases.push(a);
+        }
+    }
+    for a in &cases {
+        let (q, off, pd) = qform_params(a);
+        let back = qform_affine(q, off, pd);
+        for r in 0..4 {
+            for c in 0..4 {
+                assert!((back[r][c] - a[r][c]).abs() < 1e-9, "{a:?} -> {back:?}");
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dims = [5, 4, 3];
+    let data: Vec<f32> = (0..60).map(|v| v as f32 - 1000.0).collect();
+    let vol = segvol::io::nifti::Volume::from_grid(
+        "grid".into(),
+        dims,
+        data,
+        cases[3],
+        segvol::io::nifti::NiftiDtype::I16,
+    )
+    .unwrap();
+    let mask: Vec<u8> = (0..60).map(|v| (v % 2) as u8).collect();
+    let out = dir.path().join("m.nii.gz");
+    segvol::io::nifti::write_mask(&out, &vol, &mask).unwrap();
+    let back = segvol::io::nifti::read_volume(&out).unwrap();
+    assert_eq!(back.dims, dims);
+    let (s, q) = (back.header.sform_affine(), back.header.qform_affine());
+    for r in 0..4 {
+        for c in 0..4 {
+            // f32 header fields.
+            assert!((s[r][c] - cases[3][r][c]).abs() < 1e-4, "sform {s:?}");
+            assert!((q[r][c] - cases[3][r][c]).abs() < 1e-4, "qform {q:?}");
+        }
+    }
+    assert_eq!(
+        back.data,
+        mask.iter().map(|&m| m as f32).collect::<Vec<_>>()
+    );
+    // A grid that does not match its data is refused, naming it.
+    let err = segvol::io::nifti::Volume::from_grid(
+        "grid".into(),
+        dims,
+        vec![0.0; 59],
+        cases[0],
+        segvol::io::nifti::NiftiDtype::I16,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("grid"), "{err}");
+}

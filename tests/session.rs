@@ -384,3 +384,62 @@ fn segment_identify_ranks_a_candidates_file() {
     ]);
     assert_eq!(res.status.code(), Some(2));
 }
+
+/// `Engine` sessions own their share of the model: two opened on one engine, used on two
+/// threads at once after the engine is gone, give the bytes of the one-shot run.
+#[test]
+fn engine_sessions_outlive_the_engine_and_run_on_other_threads() {
+    let vol = read_volume(&tiny_ct()).unwrap();
+    for dut in common::devices() {
+        engine_sessions_on(&dut, &vol);
+    }
+}
+
+// Before sessions took turns on the model (`SegVol::exclusive`) and the decoder's staging was
+// done under the runtime's lock, this failed about one run in six: one thread's prompt tokens
+// or reduction scratch overwritten by the other's.
+fn engine_sessions_on(dut: &common::DeviceUnderTest, vol: &segvol::io::nifti::Volume) {
+    let engine = pipeline::Engine::new(
+        SegVol::load(&common::tiny().join("model"), dut.open()).unwrap(),
+        Options::default(),
+    );
+    let prompts = sequence();
+    let want = engine
+        .segment(&vol.data, vol.model_dims(), &prompts, &mut |_, _| {})
+        .unwrap();
+    let sessions: Vec<_> = (0..2)
+        .map(|_| {
+            engine
+                .open(&vol.data, vol.model_dims(), Request::default())
+                .unwrap()
+        })
+        .collect();
+    drop(engine);
+    let got: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = sessions
+            .into_iter()
+            .map(|session| {
+                let prompts = &prompts;
+                s.spawn(move || {
+                    let outs: Vec<_> = prompts
+                        .iter()
+                        .map(|p| session.segment(p, &mut |_, _| {}).unwrap())
+                        .collect();
+                    let outcome = session.outcome(outs);
+                    (0..prompts.len()).map(|p| outcome.mask(p)).collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (t, masks) in got.iter().enumerate() {
+        for (p, mask) in masks.iter().enumerate() {
+            assert_eq!(
+                mask,
+                &want.mask(p),
+                "{}: thread {t}: prompt {p}",
+                dut.label()
+            );
+        }
+    }
+}

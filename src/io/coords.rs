@@ -115,6 +115,66 @@ pub fn qform_affine(quatern: [f64; 3], qoffset: [f64; 3], pixdim: [f64; 4]) -> A
     out
 }
 
+/// The qform parameters `(quatern, qoffset, pixdim[0..4])` of an affine: the inverse of
+/// [`qform_affine`] (NIfTI-1 "METHOD 2"). Column norms give the step sizes; a left-handed
+/// linear part gets `qfac = -1` (its k column negated before the rotation is read). The
+/// rotation is the orthonormal polar factor only when the columns are orthogonal: for a
+/// sheared affine the qform is an approximation and only the sform is exact.
+pub fn qform_params(affine: &Affine) -> ([f64; 3], [f64; 3], [f64; 4]) {
+    let col = |j: usize| [affine[0][j], affine[1][j], affine[2][j]];
+    let norm = |v: [f64; 3]| (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
+    let mut cols = [col(0), col(1), col(2)];
+    let mut step = [0.0; 3];
+    for (j, c) in cols.iter_mut().enumerate() {
+        let n = norm(*c);
+        step[j] = if n > 0.0 { n } else { 1.0 };
+        for v in c.iter_mut() {
+            *v /= step[j];
+        }
+    }
+    let [x, y, z] = cols;
+    let det = x[0] * (y[1] * z[2] - y[2] * z[1]) - y[0] * (x[1] * z[2] - x[2] * z[1])
+        + z[0] * (x[1] * y[2] - x[2] * y[1]);
+    let qfac = if det < 0.0 { -1.0 } else { 1.0 };
+    // r[row][col] with the k column flipped for a left-handed grid.
+    let r = |row: usize, c: usize| cols[c][row] * if c == 2 { qfac } else { 1.0 };
+    let trace = r(0, 0) + r(1, 1) + r(2, 2);
+    // Shepperd's method: divide by the largest of the four candidate components.
+    let (a, b, c, d);
+    if trace > 0.0 {
+        let s = 0.5 / (trace + 1.0).sqrt();
+        a = 0.25 / s;
+        b = (r(2, 1) - r(1, 2)) * s;
+        c = (r(0, 2) - r(2, 0)) * s;
+        d = (r(1, 0) - r(0, 1)) * s;
+    } else if r(0, 0) > r(1, 1) && r(0, 0) > r(2, 2) {
+        let s = 2.0 * (1.0 + r(0, 0) - r(1, 1) - r(2, 2)).sqrt();
+        a = (r(2, 1) - r(1, 2)) / s;
+        b = 0.25 * s;
+        c = (r(0, 1) + r(1, 0)) / s;
+        d = (r(0, 2) + r(2, 0)) / s;
+    } else if r(1, 1) > r(2, 2) {
+        let s = 2.0 * (1.0 + r(1, 1) - r(0, 0) - r(2, 2)).sqrt();
+        a = (r(0, 2) - r(2, 0)) / s;
+        b = (r(0, 1) + r(1, 0)) / s;
+        c = 0.25 * s;
+        d = (r(1, 2) + r(2, 1)) / s;
+    } else {
+        let s = 2.0 * (1.0 + r(2, 2) - r(0, 0) - r(1, 1)).sqrt();
+        a = (r(1, 0) - r(0, 1)) / s;
+        b = (r(0, 2) + r(2, 0)) / s;
+        c = (r(1, 2) + r(2, 1)) / s;
+        d = 0.25 * s;
+    }
+    // The standard keeps a >= 0 (q and -q are the same rotation).
+    let sign = if a < 0.0 { -1.0 } else { 1.0 };
+    (
+        [b * sign, c * sign, d * sign],
+        [affine[0][3], affine[1][3], affine[2][3]],
+        [qfac, step[0], step[1], step[2]],
+    )
+}
+
 /// The affine of a volume, or an error naming the file when it has none (neither
 /// `sform_code > 0` nor `qform_code > 0`), e.g. for a prompt given in millimetres.
 pub fn require_affine<'a>(affine: Option<&'a Affine>, path: &Path) -> Result<&'a Affine> {

@@ -8,6 +8,12 @@ pub mod prompt;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
+/// Reads a CT volume from any input segvol accepts, chosen by its name (NIfTI: `.nii`,
+/// `.nii.gz`). Every command reads its inputs through here, so a new format is one arm.
+pub fn read_input(path: &Path) -> Result<nifti::Volume> {
+    nifti::read_volume(path)
+}
+
 /// Temporary files being written now: what a SIGINT or SIGTERM handler must remove
 /// ([`remove_pending_temp_files`]).
 static PENDING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());

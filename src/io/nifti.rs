@@ -652,6 +652,61 @@ impl Header {
     }
 }
 
+impl Header {
+    /// A NIfTI-1 header for a float32 volume of `dims` (X,Y,Z) on `affine`, for volumes that
+    /// come from another format (DICOM, NRRD, an array): the sform is `affine` exactly
+    /// (`sform_code` 1, scanner), the qform its rotation and steps ([`coords::qform_params`],
+    /// `qform_code` 1), units millimetres and seconds. Masks written on such a volume carry
+    /// this geometry.
+    pub fn for_grid(dims: [usize; 3], affine: &Affine) -> Header {
+        let (quatern, qoffset, pd) = coords::qform_params(affine);
+        let mut descrip = [0u8; 80];
+        let text = concat!("segvol ", env!("CARGO_PKG_VERSION"));
+        descrip[..text.len()].copy_from_slice(text.as_bytes());
+        Header {
+            version: NiftiVersion::One,
+            big_endian: false,
+            dim_info: 0,
+            dim: [
+                3,
+                dims[0] as i64,
+                dims[1] as i64,
+                dims[2] as i64,
+                1,
+                1,
+                1,
+                1,
+            ],
+            intent_p: [0.0; 3],
+            intent_code: 0,
+            datatype: NiftiDtype::F32.code(),
+            bitpix: 32,
+            slice_start: 0,
+            pixdim: [pd[0], pd[1], pd[2], pd[3], 0.0, 0.0, 0.0, 0.0],
+            vox_offset: 352,
+            scl_slope: 1.0,
+            scl_inter: 0.0,
+            slice_end: 0,
+            slice_code: 0,
+            // NIFTI_UNITS_MM | NIFTI_UNITS_SEC
+            xyzt_units: 2 | 8,
+            cal_max: 0.0,
+            cal_min: 0.0,
+            slice_duration: 0.0,
+            toffset: 0.0,
+            descrip,
+            aux_file: [0; 24],
+            qform_code: 1,
+            sform_code: 1,
+            quatern,
+            qoffset,
+            srow: [affine[0], affine[1], affine[2]],
+            intent_name: [0; 16],
+            analyze: Analyze75::default(),
+        }
+    }
+}
+
 /// A CT volume as read from a NIfTI file.
 ///
 /// `data` is in file order, i fastest: element `i + X*(j + Y*k)` is voxel (i,j,k). Read as a
@@ -676,6 +731,49 @@ pub struct Volume {
     pub read_seconds: f64,
     /// The stored voxel type.
     pub source_dtype: NiftiDtype,
+}
+
+impl Volume {
+    /// A volume read from a format other than NIfTI (DICOM, NRRD, an array): `data` in file
+    /// order (i fastest) on a grid of `dims` (X,Y,Z) with the voxel→world `affine` (RAS mm,
+    /// the NIfTI convention). Its header is [`Header::for_grid`], so masks written on it are
+    /// NIfTI files with this geometry; `path` names it in messages.
+    pub fn from_grid(
+        path: PathBuf,
+        dims: [usize; 3],
+        data: Vec<f32>,
+        affine: Affine,
+        source_dtype: NiftiDtype,
+    ) -> Result<Volume> {
+        let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if dims.contains(&0) || n != Some(data.len()) {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "a {}x{}x{} grid needs {} voxels, {} given",
+                    dims[0],
+                    dims[1],
+                    dims[2],
+                    n.map_or("too many".into(), |n| n.to_string()),
+                    data.len()
+                ),
+            ));
+        }
+        let header = Header::for_grid(dims, &affine);
+        let spacing = [1, 2, 3].map(|a| header.pixdim[a] as f32);
+        let v = Volume {
+            path,
+            dims,
+            data,
+            spacing,
+            header,
+            affine: Some(affine),
+            read_seconds: 0.0,
+            source_dtype,
+        };
+        v.check_finite()?;
+        Ok(v)
+    }
 }
 
 impl std::fmt::Debug for Volume {

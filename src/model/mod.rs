@@ -250,6 +250,8 @@ pub struct SegVol {
     tokenizer: TextTokenizer,
     texts: Mutex<HashMap<String, Arc<TextEmbedding>>>,
     runtime: Runtime<ProgramKey, Io>,
+    /// Held for each step of a pipeline session ([`SegVol::exclusive`]).
+    steps: Mutex<()>,
 }
 
 impl SegVol {
@@ -328,6 +330,7 @@ impl SegVol {
             tokenizer,
             texts: Mutex::new(HashMap::new()),
             runtime: Runtime::new(backend.clone()),
+            steps: Mutex::new(()),
             backend,
         })
     }
@@ -401,6 +404,15 @@ impl SegVol {
 
     fn run(&self, c: &Compiled, ext: &[(TensorId, Addr)]) -> Result<()> {
         self.runtime.run(c, self.lane(c), ext)
+    }
+
+    /// The model's device to one caller at a time, for a step of a pipeline session (opening
+    /// a volume, one prompt). Programs alone are safe to run from several threads (the
+    /// runtime locks each run), but a step also runs volume ops straight on the backend, and
+    /// those share the backend's scratch memory: two sessions on one model in two threads
+    /// take turns step by step rather than corrupt each other's reductions.
+    pub fn exclusive(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.steps.lock()
     }
 
     /// Programs built, arena allocations and graph captures so far.
@@ -573,17 +585,20 @@ impl SegVol {
                         .flat_map(|&i| built[i].text.as_ref().unwrap().embedding.iter().copied()),
                 );
             }
-            let staging = self.runtime.stage(&encode_f32(&host, dtype))?;
             let io = io_of!(c, Decoder);
-            let mut ext = vec![
-                (io.image_embedding, emb + g[0] as u64 * emb_bytes),
-                (io.tokens, staging),
-                (io.logits, logits + g[0] as u64 * win_bytes),
-            ];
-            if let Some(t) = io.text_embedding {
-                ext.push((t, staging + (tok_len * dtype.size()) as u64));
-            }
-            self.run(&c, &ext)?;
+            let bind = |staging: Addr| {
+                let mut ext = vec![
+                    (io.image_embedding, emb + g[0] as u64 * emb_bytes),
+                    (io.tokens, staging),
+                    (io.logits, logits + g[0] as u64 * win_bytes),
+                ];
+                if let Some(t) = io.text_embedding {
+                    ext.push((t, staging + (tok_len * dtype.size()) as u64));
+                }
+                ext
+            };
+            self.runtime
+                .run_staged(&c, self.lane(&c), &encode_f32(&host, dtype), bind)?;
         }
         Ok(())
     }

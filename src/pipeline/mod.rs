@@ -30,6 +30,7 @@ use geometry::{Roi, SlidingWindows};
 use plan::{Buf, VolumePlan};
 use preprocess::NormStats;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Device memory left free by the default budget (CUDA context growth, cuBLASLt, fragmentation).
@@ -285,8 +286,7 @@ pub fn segment(
 /// # Ok::<(), segvol::Error>(())
 /// ```
 pub struct Session<'m> {
-    model: &'m SegVol,
-    b: &'m dyn Backend,
+    model: ModelRef<'m>,
     plan: VolumePlan,
     region: Buffer,
     opts: Options,
@@ -303,6 +303,96 @@ pub struct Session<'m> {
     /// The ROI of the last prompt that had one ([`PromptOptions::keep_roi`]).
     last_roi: parking_lot::Mutex<Option<Roi>>,
 }
+
+/// The model a [`Session`] runs on: borrowed for a one-shot run, or shared so that the session
+/// owns its model and can live in a table that outlives any borrow (a server's sessions, a
+/// Python object).
+enum ModelRef<'m> {
+    Borrowed(&'m SegVol),
+    Shared(Arc<SegVol>),
+}
+
+impl std::ops::Deref for ModelRef<'_> {
+    type Target = SegVol;
+    fn deref(&self) -> &SegVol {
+        match self {
+            ModelRef::Borrowed(m) => m,
+            ModelRef::Shared(m) => m,
+        }
+    }
+}
+
+impl Session<'static> {
+    /// [`Session::open`] on a shared model: the session holds the model alive and borrows
+    /// nothing, so it can be kept, sent to another thread and dropped in any order.
+    pub fn open_shared(
+        model: Arc<SegVol>,
+        volume: &[f32],
+        dims: [usize; 3],
+        request: plan::Request,
+        opts: &Options,
+    ) -> Result<Self> {
+        Self::open_on(ModelRef::Shared(model), volume, dims, request, opts)
+    }
+}
+
+/// A model loaded once with how to run it, opening [`Session`]s that each own a share of it:
+/// the resident engine a server, a Python process or a folder job keeps for its lifetime.
+/// Sessions outlive nothing of the engine's; dropping the engine while sessions are open is
+/// fine (the last one frees the model).
+pub struct Engine {
+    model: Arc<SegVol>,
+    opts: Options,
+}
+
+impl Engine {
+    /// An engine on `model`, running every session with `opts`.
+    pub fn new(model: SegVol, opts: Options) -> Self {
+        Engine {
+            model: Arc::new(model),
+            opts,
+        }
+    }
+
+    /// The model, shared with the sessions.
+    pub fn model(&self) -> &Arc<SegVol> {
+        &self.model
+    }
+
+    /// How sessions run.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Opens `volume` (file order = model frame, `dims` = (D, H, W)) for prompting, with an
+    /// embedding cache of `request.cache_bytes` ([`Session::open`]).
+    pub fn open(
+        &self,
+        volume: &[f32],
+        dims: [usize; 3],
+        request: plan::Request,
+    ) -> Result<Session<'static>> {
+        Session::open_shared(self.model.clone(), volume, dims, request, &self.opts)
+    }
+
+    /// One-shot [`segment`] with the engine's options.
+    pub fn segment(
+        &self,
+        volume: &[f32],
+        dims: [usize; 3],
+        prompts: &[UserPrompt],
+        progress: &mut Progress<'_>,
+    ) -> Result<VolumeOutcome> {
+        segment(&self.model, volume, dims, prompts, &self.opts, progress)
+    }
+}
+
+// A server moves sessions between threads and shares them across requests.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<Engine>();
+    shared::<Session<'static>>();
+};
 
 /// The result of [`Session::identify`].
 #[derive(Clone, Debug)]
@@ -458,6 +548,17 @@ impl<'m> Session<'m> {
         request: plan::Request,
         opts: &Options,
     ) -> Result<Self> {
+        Self::open_on(ModelRef::Borrowed(model), volume, dims, request, opts)
+    }
+
+    fn open_on(
+        model: ModelRef<'m>,
+        volume: &[f32],
+        dims: [usize; 3],
+        request: plan::Request,
+        opts: &Options,
+    ) -> Result<Self> {
+        let turn = model.exclusive();
         let b = model.backend().as_ref();
         let cfg = model.config();
         let window = cfg.spatial_size;
@@ -529,9 +630,9 @@ impl<'m> Session<'m> {
         b.synchronize()?;
         drop(r);
         let zoom_out_encode_seconds = t0.elapsed().as_secs_f64();
+        drop(turn);
         Ok(Session {
             model,
-            b,
             plan,
             region,
             opts: *opts,
@@ -731,7 +832,9 @@ impl<'m> Session<'m> {
         popts: PromptOptions,
         progress: &mut Progress<'_>,
     ) -> Result<PromptOutcome> {
-        let (b, model) = (self.b, self.model);
+        let model: &SegVol = &self.model;
+        let _turn = model.exclusive();
+        let b = model.backend().as_ref();
         let cfg = model.config();
         let window = cfg.spatial_size;
         let win_n: usize = window.iter().product();
@@ -849,7 +952,8 @@ impl<'m> Session<'m> {
         progress: &mut Progress<'_>,
     ) -> Result<(Vec<WindowRecord>, usize)> {
         let mut cached_windows = 0;
-        let (b, model) = (self.b, self.model);
+        let model: &SegVol = &self.model;
+        let b = model.backend().as_ref();
         let window = model.config().spatial_size;
         let win_n: usize = window.iter().product();
         let cd = self.cropped_dims;

@@ -163,9 +163,19 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug, Io> Runtime<K, Io> {
         Ok(())
     }
 
-    /// Uploads small per-call inputs into a staging buffer that is kept and grown, so that
-    /// steady-state calls allocate nothing. The data stays valid until the next `stage`.
-    pub fn stage(&self, bytes: &[u8]) -> Result<Addr> {
+    /// [`Runtime::run`] with small per-call inputs (decoder tokens, text embeddings): `bytes`
+    /// go into a staging buffer that is kept and grown, so steady-state calls allocate nothing,
+    /// and `bind` gives the external tensors from its address. Staging and launch happen under
+    /// one lock: sessions on one model in several threads never run on each other's inputs
+    /// (the upload is ordered with the kernels on the device's stream, so the next call's
+    /// staging cannot overtake this call's reads).
+    pub fn run_staged(
+        &self,
+        c: &Compiled<K, Io>,
+        lane: Lane<'_>,
+        bytes: &[u8],
+        bind: impl FnOnce(Addr) -> Vec<(TensorId, Addr)>,
+    ) -> Result<()> {
         let mut st = self.state.lock();
         if st.staging.as_ref().is_none_or(|b| b.len() < bytes.len()) {
             st.staging = None;
@@ -177,7 +187,8 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug, Io> Runtime<K, Io> {
         let addr = st.staging.as_ref().unwrap().addr();
         // SAFETY: the staging buffer holds at least `bytes.len()` bytes.
         unsafe { self.backend.upload(addr, bytes)? };
-        Ok(addr)
+        let ext = bind(addr);
+        self.run_locked(&mut st, c, lane, &ext)
     }
 
     /// Runs `c` on `lane` with its external tensors bound to `ext`: replays its graph if one
@@ -185,11 +196,20 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug, Io> Runtime<K, Io> {
     /// runs (graphs remove the per-launch overhead; one-off bindings are not worth capturing),
     /// else runs the ops. The arena grows here only if the request's plan did not reserve it.
     pub fn run(&self, c: &Compiled<K, Io>, lane: Lane<'_>, ext: &[(TensorId, Addr)]) -> Result<()> {
-        let mut st = self.state.lock();
-        Self::grow_arena(&self.backend, &mut st, c.plan.arena_bytes)?;
+        self.run_locked(&mut self.state.lock(), c, lane, ext)
+    }
+
+    fn run_locked(
+        &self,
+        st: &mut State<K, Io>,
+        c: &Compiled<K, Io>,
+        lane: Lane<'_>,
+        ext: &[(TensorId, Addr)],
+    ) -> Result<()> {
+        Self::grow_arena(&self.backend, st, c.plan.arena_bytes)?;
         let arena = st.arena.as_ref().unwrap().addr();
         lane.backend.range_push(&c.program.name);
-        let result = Self::run_bound(&mut st, c, lane, arena, ext);
+        let result = Self::run_bound(st, c, lane, arena, ext);
         lane.backend.range_pop();
         result
     }

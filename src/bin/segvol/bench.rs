@@ -240,7 +240,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// cache on, as `segvol session` runs.
 fn bench_session(model: &SegVol, ct: &std::path::Path, a: &BenchArgs) -> Result<()> {
     use segvol::pipeline::{plan::Request, Options, PromptOptions, Session, UserPrompt};
-    let vol = segvol::io::nifti::read_volume(ct)?;
+    let vol = segvol::io::read_input(ct)?;
     let opts = Options {
         batch: a.batch,
         ..Options::default()

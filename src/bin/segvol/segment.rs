@@ -480,7 +480,7 @@ fn segment_file(
     let t_all = Instant::now();
     let vol = {
         let _r = segvol::backend::range(model.backend().as_ref(), "read");
-        nifti::read_volume(input)?
+        segvol::io::read_input(input)?
     };
     segment_volume(model, &vol, output, a, opts, spec, t_all)
 }

@@ -66,7 +66,7 @@ pub fn run(a: SessionArgs) -> Result<()> {
         mem_limit: a.mem_limit.as_deref().map(parse_size).transpose()?,
     };
     let t0 = Instant::now();
-    let vol = nifti::read_volume(&a.input)?;
+    let vol = segvol::io::read_input(&a.input)?;
     let model = crate::load_model(&a.model, &a.device)?;
     let cfg = model.config();
     // Planned for a text of the longest the tokenizer allows and PLANNED_POINTS points.
