@@ -443,3 +443,116 @@ fn engine_sessions_on(dut: &common::DeviceUnderTest, vol: &segvol::io::nifti::Vo
         }
     }
 }
+
+/// The reference pipeline fixtures (fixtures README §4) through the library flow a server or
+/// Python uses: one `Engine`, one session per CT, every case of that CT prompted on the same
+/// session (later cases hit the cache of earlier ones): final logits within the fixtures'
+/// tolerance and the reference mask (Dice >= 0.999 in f32).
+fn pipeline_fixtures_through_one_session(
+    model_dir: &std::path::Path,
+    dir: &std::path::Path,
+    cases: &[&str],
+    logits_tol: f32,
+) {
+    let engine = pipeline::Engine::new(
+        SegVol::load(model_dir, common::devices()[0].open()).unwrap(),
+        Options {
+            batch: 4,
+            ..Options::default()
+        },
+    );
+    let mut sessions: Vec<(String, Session<'static>, segvol::io::nifti::Volume)> = vec![];
+    for case in cases {
+        let meta = common::json(&dir.join(format!("pipeline-{case}.json")));
+        let ct = meta["ct"].as_str().unwrap().to_string();
+        if !sessions.iter().any(|(c, _, _)| *c == ct) {
+            let vol = read_volume(&dir.join(&ct)).unwrap();
+            let s = engine
+                .open(
+                    &vol.data,
+                    vol.model_dims(),
+                    Request {
+                        cache_bytes: 1 << 30,
+                        ..Request::default()
+                    },
+                )
+                .unwrap();
+            sessions.push((ct.clone(), s, vol));
+        }
+        let (_, session, vol) = sessions.iter().find(|(c, _, _)| *c == ct).unwrap();
+        let prompts = &meta["prompts"];
+        let bbox = prompts
+            .get("box_original_ijk")
+            .filter(|b| !b.is_null())
+            .map(|b| {
+                let v: Vec<usize> = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as usize)
+                    .collect();
+                [v[0], v[1], v[2], v[3], v[4], v[5]]
+            });
+        let p = UserPrompt {
+            text: Some(prompts["text"].as_str().unwrap().into()),
+            bbox,
+            ..UserPrompt::default()
+        };
+        let got = session.segment(&p, &mut |_, _| {}).unwrap();
+        let want = segvol::tensor::read_tensor(
+            &dir.join(format!("pipeline-{case}.safetensors")),
+            "final_logits",
+        )
+        .unwrap();
+        let err =
+            segvol::tensor::HostTensor::new(vec![got.logits.len()], got.logits.clone()).rel_err(
+                &segvol::tensor::HostTensor::new(vec![want.data.len()], want.data),
+            );
+        assert!(err < logits_tol, "{case}: final logits {err:.3e}");
+        let mask = session.outcome(vec![got]).mask(0);
+        let reference = read_volume(&dir.join(meta["final"]["mask_nifti"].as_str().unwrap()))
+            .unwrap()
+            .data;
+        assert_eq!(mask.len(), vol.len(), "{case}: mask on the original grid");
+        let (mut tp, mut n) = (0usize, 0usize);
+        for (&m, &r) in mask.iter().zip(&reference) {
+            tp += (m != 0 && r != 0.0) as usize;
+            n += (m != 0) as usize + (r != 0.0) as usize;
+        }
+        let dice = if n == 0 {
+            1.0
+        } else {
+            2.0 * tp as f64 / n as f64
+        };
+        let exact = common::devices()[0].precision == segvol::DType::F32;
+        let min = if exact { 0.999 } else { 0.99 };
+        assert!(dice >= min, "{case}: Dice {dice}");
+    }
+}
+
+#[test]
+fn tiny_pipeline_fixtures_through_one_engine_session() {
+    let dir = common::tiny();
+    // box-text before text: the second prompt on the CT runs on the first one's session.
+    pipeline_fixtures_through_one_session(
+        &dir.join("model"),
+        &dir,
+        &["box-text", "text", "box-text-1win"],
+        common::devices()[0].tolerance(),
+    );
+}
+
+#[test]
+#[ignore = "slow: full-size pipelines; run with SEGVOL_FIXTURES set"]
+fn full_pipeline_fixtures_through_one_engine_session() {
+    let Some(root) = common::full_fixtures() else {
+        return;
+    };
+    // The full fixtures store final_logits as F16 (fixtures README §6: 2e-3).
+    pipeline_fixtures_through_one_session(
+        &common::full_model_dir(),
+        &root.join("full"),
+        &["box-text", "text"],
+        2e-3,
+    );
+}

@@ -340,6 +340,26 @@ impl Session<'static> {
 /// the resident engine a server, a Python process or a folder job keeps for its lifetime.
 /// Sessions outlive nothing of the engine's; dropping the engine while sessions are open is
 /// fine (the last one frees the model).
+///
+/// ```
+/// use segvol::backend::DeviceSpec;
+/// use segvol::model::SegVol;
+/// use segvol::pipeline::{plan::Request, Engine, Options, UserPrompt};
+///
+/// let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+/// let model = SegVol::load(&root.join("tiny/model"), DeviceSpec::parse("cpu", None)?.open()?)?;
+/// let engine = Engine::new(model, Options::default());
+/// let vol = segvol::io::read_input(&root.join("data/example_ct_sm.nii.gz"))?;
+/// // A session with room for 256 MiB of zoom-in embeddings, handed to another thread.
+/// let request = Request { cache_bytes: 256 << 20, ..Request::default() };
+/// let session = engine.open(&vol.data, vol.model_dims(), request)?;
+/// let liver = UserPrompt { text: Some("liver".into()), ..UserPrompt::default() };
+/// let voxels = std::thread::spawn(move || session.segment(&liver, &mut |_, _| {}).map(|o| o.voxels))
+///     .join()
+///     .unwrap()?;
+/// assert!(voxels > 0);
+/// # Ok::<(), segvol::Error>(())
+/// ```
 pub struct Engine {
     model: Arc<SegVol>,
     opts: Options,
