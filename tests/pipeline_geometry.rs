@@ -5,7 +5,6 @@
 
 use segvol::backend::BBox;
 use segvol::pipeline::geometry::{self, box_prompt, Roi, SlidingWindows};
-use segvol::pipeline::preprocess;
 use segvol::tensor::read_tensor;
 use serde_json::Value;
 
@@ -179,7 +178,7 @@ fn geometry_fixture_every_case() {
                     &roi,
                     cropped,
                     None,
-                    &mut geometry::host_prediction(&logits, cropped),
+                    &mut common::host_pipeline::host_prediction(&logits, cropped),
                 )
                 .unwrap()
             };
@@ -272,7 +271,7 @@ fn check_pipeline_case(
     let cropped = dims3(&meta["cropped_shape"]);
 
     // Spec §6.6 step 3: L_global is the nearest (legacy) upsampling of the zoom-out logits.
-    let global = preprocess::global_logits(zoom_logits, window, cropped).unwrap();
+    let global = common::host_pipeline::global_logits(zoom_logits, window, cropped).unwrap();
     if let Some(r) = global_ref {
         assert!(
             global
@@ -373,7 +372,7 @@ fn check_pipeline_case(
                         &roi,
                         cropped,
                         Some((zb, window)),
-                        &mut geometry::host_prediction(&global, cropped),
+                        &mut common::host_pipeline::host_prediction(&global, cropped),
                     )
                     .unwrap();
                 assert_eq!(

@@ -3,8 +3,8 @@
 //! input of the tiny CTs, and the full-size CT's statistics, crop and probes when
 //! `SEGVOL_FIXTURES` is set.
 
+use common::host_pipeline::{self as preprocess, Preprocessed};
 use segvol::backend::ForegroundStats;
-use segvol::pipeline::preprocess::{self, Preprocessed};
 use segvol::tensor::read_tensor;
 use serde_json::Value;
 use std::path::Path;

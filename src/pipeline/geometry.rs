@@ -248,22 +248,6 @@ pub fn roi_from_logits(
 /// cropped grid to the bbox of `L_global > 0` inside it, relative to `start`.
 pub type Prediction<'a> = dyn FnMut([usize; 3], [usize; 3]) -> Result<Option<BBox>> + 'a;
 
-/// [`Prediction`] over cropped-grid logits held on the host.
-pub fn host_prediction(
-    global_logits: &[f32],
-    cropped_dims: [usize; 3],
-) -> impl FnMut([usize; 3], [usize; 3]) -> Result<Option<BBox>> + '_ {
-    move |start, extent| {
-        Ok(volume::bbox_above(
-            global_logits,
-            cropped_dims,
-            start,
-            extent,
-            0.0,
-        ))
-    }
-}
-
 /// One window of the sliding-window scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -381,7 +365,7 @@ impl SlidingWindows {
     /// prediction (`L_global > 0` inside the ROI, zero in the padding) inside window `i`, in
     /// window coordinates; `None` (fed as `[-1; 6]`) when the window holds no positive voxel.
     /// `prediction(start, extent)` is the bbox of `L_global > 0` in that box of the cropped
-    /// grid, relative to `start` (a device's `bbox_above`, or [`host_prediction`]).
+    /// grid, relative to `start` (a device's `bbox_above`, or a host one in the tests).
     pub fn box_from_prediction(
         &self,
         i: usize,
@@ -520,37 +504,6 @@ impl SlidingWindows {
         );
         out
     }
-}
-
-/// Spec §6.8 step 8: `L_global[min:max+1] = result`, an overwrite of the ROI of the cropped-grid
-/// logits with the blended zoom-in logits.
-pub fn backfill(roi_logits: &[f32], roi: &Roi, global: &mut [f32], cropped_dims: [usize; 3]) {
-    volume::copy_box_f32(
-        roi_logits,
-        roi.shape,
-        [0; 3],
-        global,
-        cropped_dims,
-        roi.start,
-        roi.shape,
-        0.0,
-    );
-}
-
-/// Copies the ROI out of a cropped-grid volume (the zoom-in input `I_c[min:max+1]`, spec §6.8).
-pub fn crop_roi(volume_c: &[f32], cropped_dims: [usize; 3], roi: &Roi) -> Vec<f32> {
-    let mut out = vec![0f32; roi.shape.iter().product()];
-    volume::copy_box_f32(
-        volume_c,
-        cropped_dims,
-        roi.start.map(|v| v as i64),
-        &mut out,
-        roi.shape,
-        [0; 3],
-        roi.shape,
-        0.0,
-    );
-    out
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! fastest) is already the model's `(Z, Y, X)` volume (spec §6.1, no reorientation, no
 //! resampling).
 
-use crate::backend::cpu::{volume, CpuBackend};
+use crate::backend::cpu::CpuBackend;
 use crate::backend::{
     Addr, Backend, ClipZscoreArgs, CopyBoxArgs, ForegroundStats, Interp3dArgs, InterpMode,
     ShiftScaleArgs,
@@ -33,22 +33,6 @@ fn check_dims(what: &str, len: usize, dims: [usize; 3]) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// A preprocessed CT: the normalised volume cropped to its foreground (spec §6.2–§6.3).
-#[derive(Clone, Debug)]
-pub struct Preprocessed {
-    /// The cropped grid `I_c`, `(d0, h0, w0)` row-major: the frame of every output.
-    pub cropped: Vec<f32>,
-    /// `(D, H, W)` of `cropped`.
-    pub cropped_dims: [usize; 3],
-    /// MONAI `foreground_start_coord`, `(D, H, W)` in the input volume.
-    pub crop_start: [usize; 3],
-    /// MONAI `foreground_end_coord` (exclusive).
-    pub crop_end: [usize; 3],
-    pub stats: ForegroundStats,
-    pub zscore_min: f32,
-    pub minmax_range: f32,
 }
 
 /// The scalars of the intensity normalisation (spec §6.2): what the device steps computed.
@@ -204,41 +188,6 @@ impl HostBuf {
     }
 }
 
-/// Spec §6.2–§6.3 on a host volume, in the official order: statistics, clip + z-score,
-/// min-max, foreground crop. `volume` is the CT as `(D, H, W)` = `(Z, Y, X)` of the file's
-/// voxel grid.
-pub fn preprocess(volume: &[f32], dims: [usize; 3]) -> Result<Preprocessed> {
-    check_dims("preprocess", volume.len(), dims)?;
-    let cpu = CpuBackend::new();
-    let v = HostBuf::new(volume)?;
-    // SAFETY: every address below lies in a buffer sized for the volume or the crop.
-    unsafe {
-        let norm = normalize_on_device(&cpu, v.buf.addr(), dims)?;
-        let (crop_start, crop_end) = foreground_box_on_device(&cpu, v.buf.addr(), dims)?;
-        let cropped_dims = [0, 1, 2].map(|a| crop_end[a] - crop_start[a]);
-        let n: usize = cropped_dims.iter().product();
-        let c = HostBuf::zeros(n)?;
-        crop_on_device(&cpu, v.buf.addr(), dims, crop_start, crop_end, c.buf.addr())?;
-        Ok(Preprocessed {
-            cropped: c.to_vec(n)?,
-            cropped_dims,
-            crop_start,
-            crop_end,
-            stats: norm.stats,
-            zscore_min: norm.zscore_min,
-            minmax_range: norm.minmax_range,
-        })
-    }
-}
-
-/// Spec §6.2 steps 1–4 on a host volume: threshold, foreground set, percentiles, mean and std,
-/// as numpy computes them on the `(X, Y, Z)` array the official code flattens (a column-major
-/// walk of the `(D, H, W)` volume; the order fixes the f32 rounding of the sums).
-pub fn foreground_statistics(volume: &[f32], dims: [usize; 3]) -> Result<ForegroundStats> {
-    check_dims("foreground statistics", volume.len(), dims)?;
-    volume::foreground_stats(volume, dims)
-}
-
 /// PyTorch's scale for a resize of `in_size` to `out_size` without `scale_factor`:
 /// `(float)in / out` in f32 (`compute_scales_value`).
 fn scale_f32(in_size: usize, out_size: usize) -> f32 {
@@ -310,26 +259,6 @@ pub fn resize_nearest(
         )?
     };
     d.to_vec(n)
-}
-
-/// Spec §6.4: the zoom-out model input, the cropped grid resized to the window with
-/// `nearest-exact`.
-pub fn zoom_out_input(
-    cropped: &[f32],
-    cropped_dims: [usize; 3],
-    window: [usize; 3],
-) -> Result<Vec<f32>> {
-    resize_nearest(cropped, cropped_dims, window, InterpMode::NearestExact)
-}
-
-/// Spec §6.6 step 3: the zoom-out logits upsampled to the cropped grid with legacy `nearest`
-/// (`L_global`).
-pub fn global_logits(
-    zoom_logits: &[f32],
-    window: [usize; 3],
-    cropped_dims: [usize; 3],
-) -> Result<Vec<f32>> {
-    resize_nearest(zoom_logits, window, cropped_dims, InterpMode::Nearest)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fuzz;
+pub mod host_pipeline;
 pub mod parity;
 pub mod reference;
 
