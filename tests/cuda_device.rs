@@ -9,6 +9,8 @@
 //! a kernel launched by name; graph capture and replay giving bit-identical results; overlapped
 //! uploads; `device_info`. GPU tests hold one lock so that captures and timings do not interleave.
 
+mod common;
+
 use segvol::backend::cuda::{driver_present, CudaDevice};
 use segvol::backend::kernel::{embedded, KernelArgs, KernelDevice};
 use segvol::backend::{Act, Buffer, GemmArgs, Residual};
@@ -118,15 +120,6 @@ impl Dev {
         let mut bytes = vec![0u8; self.buf.len()];
         unsafe { dev.download(self.buf.addr(), &mut bytes).expect("download") };
         decode_f32(&bytes, self.dtype)
-    }
-}
-
-fn act64(act: Act, x: f64) -> f64 {
-    match act {
-        Act::None => x,
-        Act::Relu => x.max(0.0),
-        Act::Gelu => 0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2)),
-        Act::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
     }
 }
 
@@ -399,41 +392,37 @@ fn run_case(dev: &CudaDevice, dtype: DType, case: &Case, rng: &mut Rng) -> f64 {
     // The reference, from the rounded inputs, in f64.
     let mut want: Vec<f64> = c.host.iter().map(|&x| x as f64).collect();
     let mut inside = vec![false; want.len()];
-    let rhost = |i: usize| -> f64 {
-        match (&res, case.residual) {
-            (_, Res::InPlace) => c.host[i] as f64,
-            (Some(r), _) => r.host[i] as f64,
-            _ => 0.0,
-        }
+    let r_host = match (&res, case.residual) {
+        (_, Res::InPlace) => Some(&c.host[off..]),
+        (Some(r), _) => Some(&r.host[..]),
+        _ => None,
     };
+    common::reference::gemm(
+        &common::reference::Gemm {
+            batch,
+            m,
+            n,
+            k,
+            a: &a.host[off..],
+            lda,
+            batch_stride_a: sa,
+            b: &b.host[off..],
+            ldb,
+            batch_stride_b: sb,
+            b_trans: case.b_trans,
+            ldc,
+            batch_stride_c: sc,
+            alpha: case.alpha,
+            bias: bias.as_ref().map(|x| &x.host[off..]),
+            act: case.act,
+            residual: r_host.zip(residual).map(|(h, r)| (h, r.ld, r.batch_stride)),
+        },
+        &mut want[off..],
+    );
     for bi in 0..batch {
         for i in 0..m {
             for j in 0..n {
-                let mut acc = 0.0f64;
-                for l in 0..k {
-                    let x = a.host[off + bi * sa + i * lda + l] as f64;
-                    let w = if case.b_trans {
-                        b.host[off + bi * sb + j * ldb + l]
-                    } else {
-                        b.host[off + bi * sb + l * ldb + j]
-                    } as f64;
-                    acc += x * w;
-                }
-                let mut v = case.alpha as f64 * acc;
-                if let Some(bias) = &bias {
-                    v += bias.host[off + j] as f64;
-                }
-                v = act64(case.act, v);
-                if let Some(r) = residual {
-                    let base = match case.residual {
-                        Res::InPlace => off,
-                        _ => 0,
-                    };
-                    v += rhost(base + bi * r.batch_stride + i * r.ld + j);
-                }
-                let ci = off + bi * sc + i * ldc + j;
-                want[ci] = v;
-                inside[ci] = true;
+                inside[off + bi * sc + i * ldc + j] = true;
             }
         }
     }

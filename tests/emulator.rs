@@ -3,6 +3,8 @@
 //! planted bugs, schedules and workers; the host GEMM of `EmuDevice`; and the build's embedded
 //! kernel table.
 
+mod common;
+
 use bytemuck::{Pod, Zeroable};
 use half::{bf16, f16};
 use segvol::backend::emu::{EmuDevice, EmuOptions, Schedule};
@@ -1139,13 +1141,28 @@ fn half_and_bf16_arithmetic_is_exact() {
 /// Row-major reference `A (m x k) @ B (k x n)` in f64, from values already in the input dtype.
 fn matmul_ref(a: &[f32], b_kn: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
     let mut c = vec![0f64; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            c[i * n + j] = (0..k)
-                .map(|p| a[i * k + p] as f64 * b_kn[p * n + j] as f64)
-                .sum();
-        }
-    }
+    common::reference::gemm(
+        &common::reference::Gemm {
+            batch: 1,
+            m,
+            n,
+            k,
+            a,
+            lda: k,
+            batch_stride_a: 0,
+            b: b_kn,
+            ldb: n,
+            batch_stride_b: 0,
+            b_trans: false,
+            ldc: n,
+            batch_stride_c: 0,
+            alpha: 1.0,
+            bias: None,
+            act: Act::None,
+            residual: None,
+        },
+        &mut c,
+    );
     c
 }
 
