@@ -483,6 +483,39 @@ fn write_kernels_rs(
     s.push_str("pub static MODULES: &[KernelModule] = &[\n");
     for (i, f) in files.iter().enumerate() {
         let path = |p: &Path| format!("{:?}", p.display().to_string());
+        // Each kernel's parameters as its PTX declares them: what a launch must pass.
+        let params: Vec<String> = match cuda {
+            Some(c) => {
+                let ptx = fs::read_to_string(&c.modules[i].ptx_primary)
+                    .unwrap_or_else(|e| panic!("{}: {e}", c.modules[i].ptx_primary.display()));
+                let entries = ptx_entry_params(&ptx);
+                for (e, _) in &entries {
+                    if !names[i].contains(e) {
+                        panic!(
+                            "{}: kernel `{e}` is compiled but not registered with EMU_KERNEL({e})",
+                            f.display()
+                        );
+                    }
+                }
+                names[i]
+                    .iter()
+                    .map(|n| {
+                        entries
+                            .iter()
+                            .find(|(e, _)| e == n)
+                            .map(|(_, p)| p.clone())
+                            .unwrap_or_else(|| {
+                                panic!(
+                                    "{}: EMU_KERNEL({n}) has no `.entry {n}` in the PTX \
+                                     (not an extern \"C\" __global__ kernel?)",
+                                    f.display()
+                                )
+                            })
+                    })
+                    .collect()
+            }
+            None => vec![String::new(); names[i].len()],
+        };
         let (ptx90, ptx80, cubin) = match cuda {
             Some(c) => {
                 let m = &c.modules[i];
@@ -496,14 +529,52 @@ fn write_kernels_rs(
         };
         writeln!(
             s,
-            "    KernelModule {{ name: {:?}, ptx_sm90a: {ptx90}, ptx_sm80: {ptx80}, cubin_sm90a: {cubin}, kernels: &{:?} }},",
+            "    KernelModule {{ name: {:?}, ptx_sm90a: {ptx90}, ptx_sm80: {ptx80}, cubin_sm90a: {cubin}, kernels: &{:?}, params: &{:?} }},",
             stem(f),
-            names[i]
+            names[i],
+            params
         )
         .unwrap();
     }
     s.push_str("];\n");
     write_if_changed(&out.join("kernels.rs"), s.as_bytes());
+}
+
+/// The parameters of every `.entry` of a PTX file, one letter each: `l` for an 8-byte
+/// parameter (a pointer, `long long`, `size_t`: `.u64`/`.s64`/`.b64`), `w` for a 4-byte integer
+/// (`.u32`/`.s32`/`.b32`), `f` for a `float` (`.f32`). These are the only kinds the launch code's
+/// `KernelArgs` can pass; any other parameter (a struct by value, a `short`) stops the build.
+fn ptx_entry_params(ptx: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut lines = ptx.lines();
+    while let Some(l) = lines.next() {
+        let Some(rest) = l.trim().split(".entry ").nth(1) else {
+            continue;
+        };
+        let name = rest.trim_end_matches('(').trim().to_string();
+        let mut sig = String::new();
+        for p in lines.by_ref() {
+            let p = p.trim();
+            if p.starts_with(')') {
+                break;
+            }
+            let ty = p
+                .strip_prefix(".param ")
+                .and_then(|t| t.split_whitespace().next())
+                .unwrap_or_else(|| panic!("PTX entry `{name}`: unexpected parameter line `{p}`"));
+            sig.push(match ty {
+                ".u64" | ".s64" | ".b64" => 'l',
+                ".u32" | ".s32" | ".b32" => 'w',
+                ".f32" => 'f',
+                other => panic!(
+                    "PTX entry `{name}`: parameter type `{other}` (`{p}`) cannot be passed by \
+                     KernelArgs (8-byte, 4-byte integer and float parameters only)"
+                ),
+            });
+        }
+        out.push((name, sig));
+    }
+    out
 }
 
 /// Leaves the file (and its mtime) alone when the content is unchanged.

@@ -460,6 +460,7 @@ impl KernelDevice for EmuDevice {
         shared_bytes: u32,
         args: &mut KernelArgs,
     ) -> Result<()> {
+        crate::backend::kernel::embedded::check_args(kernel, args)?;
         let mut rec = self.graphs.recording.lock();
         if let Some(ops) = rec.as_mut() {
             let addrs: Vec<Addr> = args.ptr_slots().iter().map(|&i| args.slots()[i]).collect();

@@ -126,6 +126,8 @@ impl Drop for Module {
 struct Function {
     f: sys::CUfunction,
     max_dynamic_smem: u32,
+    /// Its parameters from the PTX ([`embedded::check_args`]).
+    params: &'static str,
 }
 
 /// Opts `f` in to all the dynamic shared memory the device allows a block (`optin` bytes per
@@ -401,7 +403,7 @@ impl CudaDevice {
                 )
             })?;
             kernel_image = what;
-            for &k in m.kernels {
+            for (n, &k) in m.kernels.iter().enumerate() {
                 let cname = CString::new(k)
                     .map_err(|_| Error::Internal(format!("kernel name `{k}` has a NUL byte")))?;
                 // SAFETY: the module is loaded.
@@ -419,6 +421,7 @@ impl CudaDevice {
                     Function {
                         f,
                         max_dynamic_smem,
+                        params: m.params.get(n).copied().unwrap_or(""),
                     },
                 );
             }
@@ -922,6 +925,9 @@ impl KernelDevice for CudaDevice {
                 format!("unknown kernel `{kernel}` (not in the embedded kernel modules)"),
             ));
         };
+        if func.params.as_bytes() != args.kinds() {
+            embedded::check_args(kernel, args)?;
+        }
         if grid.contains(&0) {
             return Ok(()); // an empty problem: nothing to launch
         }

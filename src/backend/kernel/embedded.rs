@@ -19,6 +19,9 @@ pub struct KernelModule {
     pub cubin_sm90a: &'static [u8],
     /// The `extern "C"` kernels of the file, in source order.
     pub kernels: &'static [&'static str],
+    /// Per kernel, its parameters as the PTX declares them (`l` 8 bytes, `w` a 4-byte
+    /// integer, `f` a float); empty without nvcc.
+    pub params: &'static [&'static str],
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -26,4 +29,36 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 /// The module that defines `kernel`.
 pub fn module_of(kernel: &str) -> Option<&'static KernelModule> {
     MODULES.iter().find(|m| m.kernels.contains(&kernel))
+}
+
+/// The parameters `kernel` takes (see [`KernelModule::params`]); `None` for an unknown kernel
+/// or a build without nvcc (no PTX to read them from).
+pub fn params_of(kernel: &str) -> Option<&'static str> {
+    let m = module_of(kernel)?;
+    let i = m.kernels.iter().position(|k| *k == kernel)?;
+    m.params
+        .get(i)
+        .copied()
+        .filter(|p| !p.is_empty() || BUILT_WITH_KERNELS)
+}
+
+/// Refuses a launch whose arguments do not match the kernel's parameters as its PTX declares
+/// them (count and kind): on a GPU such a launch reads garbage or faults, on the emulator it
+/// reads past the slots. Checked on every launch of both devices, so every emulator test also
+/// checks the launch code against the prototypes nvcc compiled.
+pub fn check_args(kernel: &str, args: &super::KernelArgs) -> crate::error::Result<()> {
+    let Some(want) = params_of(kernel) else {
+        return Ok(());
+    };
+    let got = args.kinds();
+    if got != want.as_bytes() {
+        return Err(crate::error::Error::Internal(format!(
+            "kernel `{kernel}` launched with {} arguments `{}` but its PTX declares {} `{want}` \
+             (l: 8-byte pointer or long long, w: 4-byte int, f: float)",
+            got.len(),
+            String::from_utf8_lossy(got),
+            want.len()
+        )));
+    }
+    Ok(())
 }

@@ -33,6 +33,9 @@ pub struct KernelArgs {
     slots: Vec<u64>,
     /// Which slots hold device addresses (so a graph recorder can check them at replay).
     ptr_slots: Vec<usize>,
+    /// Each slot's kind, for [`embedded::check_args`]: `l` 8 bytes, `w` a 4-byte integer, `f`
+    /// a float (empty for arguments rebuilt from a recording, which was checked when made).
+    kinds: Vec<u8>,
 }
 
 impl KernelArgs {
@@ -43,26 +46,31 @@ impl KernelArgs {
     pub fn ptr(&mut self, a: Addr) -> &mut Self {
         self.ptr_slots.push(self.slots.len());
         self.slots.push(a);
+        self.kinds.push(b'l');
         self
     }
     /// An `int` parameter.
     pub fn i32(&mut self, v: i32) -> &mut Self {
         self.slots.push(v as u32 as u64);
+        self.kinds.push(b'w');
         self
     }
     /// An `unsigned` parameter.
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.slots.push(v as u64);
+        self.kinds.push(b'w');
         self
     }
     /// A `long long` / `size_t` parameter.
     pub fn i64(&mut self, v: i64) -> &mut Self {
         self.slots.push(v as u64);
+        self.kinds.push(b'l');
         self
     }
     /// A `float` parameter.
     pub fn f32(&mut self, v: f32) -> &mut Self {
         self.slots.push(v.to_bits() as u64);
+        self.kinds.push(b'f');
         self
     }
     /// The raw slots (one per argument, in order).
@@ -73,9 +81,17 @@ impl KernelArgs {
     pub fn ptr_slots(&self) -> &[usize] {
         &self.ptr_slots
     }
+    /// The kind of each slot (see [`embedded::check_args`]).
+    pub fn kinds(&self) -> &[u8] {
+        &self.kinds
+    }
     /// Arguments rebuilt from recorded slots (a graph replay).
     pub fn from_slots(slots: Vec<u64>, ptr_slots: Vec<usize>) -> Self {
-        KernelArgs { slots, ptr_slots }
+        KernelArgs {
+            slots,
+            ptr_slots,
+            kinds: Vec::new(),
+        }
     }
     /// Number of arguments.
     pub fn len(&self) -> usize {
