@@ -3,14 +3,20 @@
 
 pub mod coords;
 pub mod nifti;
+pub mod nrrd;
 pub mod prompt;
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// Reads a CT volume from any input segvol accepts, chosen by its name (NIfTI: `.nii`,
-/// `.nii.gz`). Every command reads its inputs through here, so a new format is one arm.
+/// `.nii.gz`; NRRD: `.nrrd`). Every command reads its inputs through here, so a new format is
+/// one arm.
 pub fn read_input(path: &Path) -> Result<nifti::Volume> {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with(".nrrd") || name.ends_with(".nhdr") {
+        return nrrd::read_volume(path);
+    }
     nifti::read_volume(path)
 }
 

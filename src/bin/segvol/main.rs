@@ -4,6 +4,7 @@
 mod bench;
 mod plan;
 mod segment;
+mod serve;
 mod session;
 mod signals;
 
@@ -33,6 +34,8 @@ enum Command {
     Segment(segment::SegmentArgs),
     /// Open one volume and segment prompt after prompt: JSON lines on stdin, JSON lines out.
     Session(session::SessionArgs),
+    /// Serve SegVol over MONAI Label's REST protocol (3D Slicer, OHIF) on resident sessions.
+    Serve(serve::ServeArgs),
     /// One model call on one window tensor (safetensors in, safetensors out).
     Window(WindowArgs),
     /// Time model calls and their stages; report TFLOP/s against the counted floor.
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Command::Segment(a) => segment::run(a),
         Command::Session(a) => session::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Window(a) => window(a),
         Command::Plan(a) => plan::run(a),
         Command::Bench(a) => bench::run(a),

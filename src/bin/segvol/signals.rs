@@ -4,6 +4,16 @@
 //! shells report. SIGKILL cannot be caught: it can leave `.<name>.tmp-<pid>` files beside the
 //! outputs (docs/reliability.md).
 
+/// What a long-running command (`segvol serve`) does on the first SIGINT/SIGTERM instead of
+/// exiting: it drains its work and returns from `main`; a second signal exits as usual.
+type Hook = Box<dyn Fn(&'static str) + Send + Sync>;
+static FIRST_SIGNAL: std::sync::Mutex<Option<Hook>> = std::sync::Mutex::new(None);
+
+/// Installs the first-signal hook ([`FIRST_SIGNAL`]); it runs on the signal thread, once.
+pub fn on_first_signal(hook: Hook) {
+    *FIRST_SIGNAL.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+}
+
 /// Blocks SIGINT and SIGTERM in the calling thread and starts one thread that waits for them.
 /// Call first in `main`, before any other thread exists: threads inherit the mask, so only the
 /// waiter ever receives these signals, and it runs ordinary code (locks, files, messages)
@@ -29,12 +39,17 @@ pub fn install() {
             if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                 continue;
             }
-            let removed = segvol::io::remove_pending_temp_files();
             let name = if sig == libc::SIGINT {
                 "SIGINT"
             } else {
                 "SIGTERM"
             };
+            let hook = FIRST_SIGNAL.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(hook) = hook {
+                hook(name);
+                continue;
+            }
+            let removed = segvol::io::remove_pending_temp_files();
             eprintln!(
                 "segvol: interrupted by {name}: stopped; {removed} unfinished output file(s) removed, outputs already written are complete"
             );
