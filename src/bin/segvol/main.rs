@@ -5,6 +5,7 @@ mod bench;
 mod plan;
 mod segment;
 mod session;
+mod shard;
 mod signals;
 
 use clap::{Args, Parser, Subcommand};
