@@ -6,6 +6,7 @@ mod plan;
 mod segment;
 mod serve;
 mod session;
+mod shard;
 mod signals;
 
 use clap::{Args, Parser, Subcommand};

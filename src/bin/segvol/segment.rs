@@ -78,6 +78,8 @@ pub struct SegmentArgs {
     /// Run the bundled example: a small CT, generated full-size random weights, "liver".
     #[arg(long, conflicts_with_all = ["inputs", "model"])]
     demo: bool,
+    #[command(flatten)]
+    shard: crate::shard::ShardArgs,
 }
 
 /// Per-input output: a single path, or a directory.
@@ -117,6 +119,12 @@ pub fn run(a: SegmentArgs) -> Result<()> {
         }
     }
     check_outputs(&inputs, &output, &a)?;
+    let part = a.shard.part(matches!(output, Output::Dir(_)))?;
+    let mut log = crate::shard::Log::open(a.shard.jsonl.as_deref(), part)?;
+    let inputs = todo_inputs(inputs, part, &output, &a, &mut log)?;
+    if inputs.is_empty() {
+        return Ok(());
+    }
     if !model_dir.exists() {
         return Err(Error::io(
             &model_dir,
@@ -135,8 +143,12 @@ pub fn run(a: SegmentArgs) -> Result<()> {
         t_load.elapsed().as_secs_f64()
     );
     if inputs.len() == 1 {
-        let report = segment_file(&model, &inputs[0], &output, &a, &opts, &spec)?;
-        return write_report(a.json.as_deref(), &report);
+        let report = segment_file(&model, &inputs[0], &output, &a, &opts, &spec);
+        match &report {
+            Ok(r) => log.done(&inputs[0], r)?,
+            Err(e) => log.failed(&inputs[0], e)?,
+        }
+        return write_report(a.json.as_deref(), &report?);
     }
     // Several inputs: one bad file must not cost the others. Each failure is reported as it
     // happens, in the --json report and in the exit status.
@@ -144,9 +156,13 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let mut failures = Vec::new();
     for input in &inputs {
         match segment_file(&model, input, &output, &a, &opts, &spec) {
-            Ok(r) => reports.push(r),
+            Ok(r) => {
+                log.done(input, &r)?;
+                reports.push(r)
+            }
             Err(e) => {
                 eprintln!("segvol: failed: {}: {e}", input.display());
+                log.failed(input, &e)?;
                 failures.push((input.clone(), e));
             }
         }
@@ -201,7 +217,51 @@ fn planned_outputs(inputs: &[PathBuf], output: &Output, a: &SegmentArgs) -> Vec<
     if let Some(l) = &a.save_logits {
         out.push((l.clone(), "--save-logits".into()));
     }
+    if let Some(j) = &a.shard.jsonl {
+        out.push((j.clone(), "--jsonl".into()));
+    }
     out
+}
+
+/// The inputs of this part ([`crate::shard::select`]) less, with `--skip-existing`, those whose
+/// outputs all exist (each logged as skipped).
+fn todo_inputs(
+    inputs: Vec<PathBuf>,
+    part: crate::shard::Part,
+    output: &Output,
+    a: &SegmentArgs,
+    log: &mut crate::shard::Log,
+) -> Result<Vec<PathBuf>> {
+    let total = inputs.len();
+    let mine = crate::shard::select(inputs, part);
+    if part.count > 1 {
+        eprintln!(
+            "segvol: part {} of {} (0-based): {} of {total} inputs",
+            part.id,
+            part.count,
+            mine.len()
+        );
+    }
+    if !a.shard.skip_existing {
+        return Ok(mine);
+    }
+    let mut todo = Vec::new();
+    for input in mine {
+        let files: Vec<PathBuf> = match output {
+            Output::File(f) => vec![f.clone()],
+            Output::Dir(d) => dir_names(&input, &a.text)
+                .into_iter()
+                .map(|n| d.join(n))
+                .collect(),
+        };
+        if files.iter().all(|f| f.is_file()) {
+            eprintln!("segvol: skipped {}: its outputs exist", input.display());
+            log.skipped(&input, &files)?;
+        } else {
+            todo.push(input);
+        }
+    }
+    Ok(todo)
 }
 
 /// The file names `--out-dir` gives one input: `<stem>_mask.nii.gz`, or with several texts
