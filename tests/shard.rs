@@ -234,7 +234,9 @@ fn slurm_array_variables_pick_the_part_and_bad_parts_are_refused() {
     names.sort();
     assert_eq!(names, ["c1_mask.nii.gz", "c3_mask.nii.gz"]);
 
-    let refused: [(&[&str], &[(&str, &str)], &str); 4] = [
+    // (flags, environment, what the error names)
+    type Refusal<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let refused: [Refusal; 4] = [
         (
             &["--num-parts", "3", "--part-id", "3"],
             &[],
