@@ -598,7 +598,9 @@ mod tests {
         .unwrap();
         let mask: Vec<u8> = (0..12).map(|i| (i % 2) as u8).collect();
         let bytes = mask_bytes(&vol, &mask).unwrap();
-        let text = String::from_utf8_lossy(&bytes[..200]).into_owned();
+        // The header: everything before the blank line that ends it.
+        let end = bytes.windows(2).position(|w| w == b"\n\n").unwrap();
+        let text = String::from_utf8_lossy(&bytes[..end]).into_owned();
         assert!(text.contains("space: left-posterior-superior"), "{text}");
         assert!(
             text.contains("space directions: (0.7,0,0) (0,0.7,0) (0,0,2.5)"),
